@@ -1,0 +1,599 @@
+"""A Variational Auto-Encoder on MNIST with a bidirectional-LSTM encoder and a
+transposed-convolution decoder: a faithful reproduction of the course report,
+with the bugs of its code fixed (see README.md).
+
+    python vae_lstm.py train                 # the report's experiment
+    python vae_lstm.py generate --n 100      # digits from the best model
+    python vae_lstm.py evaluate              # test-set losses (and -log p(x))
+
+The file follows the report: data and split, model, loss, training with
+validation and early stopping, test, generation, then the command line.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # write PNG files; never open a window
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+LATENT_DIM = 64  # size of z (report, section 1.2)
+EVAL_BATCH_SIZE = 1000  # evaluation holds no gradients, so it can take big batches
+EVAL_SEED = 0  # evaluation draws its z from this seed: one checkpoint, one set of numbers
+REPORT_RESULTS = {  # the report's table (section 3), per image, for the closing summary
+    "train": {"bce": 76.97, "kl": 19.74, "total": 96.71},
+    "val": {"bce": 77.73, "kl": 19.62, "total": 97.35},
+    "test": {"bce": 78.04, "kl": 19.53, "total": 97.57},
+}
+MNIST_FILES = [f"{kind}-{part}-ubyte" for kind in ("train", "t10k") for part in ("images-idx3", "labels-idx1")]
+
+
+class UserError(Exception):
+    """A problem the user can fix (a path, a number, a file): reported in one line, no traceback."""
+
+
+def write_atomically(path, write):
+    """Call write(binary_file) on a temporary file beside `path`, then rename it over `path`,
+    so that a kill at any moment leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and split (report, section 2)
+
+
+def load_mnist(data_dir, train):
+    """MNIST's 60,000 training or 10,000 test images as one (N, 28, 28) float tensor in [0, 1],
+    the values ToTensor gives, held in memory so that batches are cut by indexing."""
+    try:
+        dataset = torchvision.datasets.MNIST(root=data_dir, train=train, download=True)
+    except Exception as error:  # no network, or missing, truncated or corrupt files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"cannot read MNIST from {Path(data_dir) / 'MNIST' / 'raw'} ({reason}); it needs the four files "
+            f"{', '.join(MNIST_FILES)} there (pass --data-dir to point at them)"
+        ) from None
+    images = dataset.data
+    if images.dim() != 3 or images.shape[1:] != (28, 28) or len(images) != len(dataset.targets):
+        raise UserError(f"{dataset.raw_folder} does not hold MNIST: images of shape {tuple(images.shape)}")
+    return images.float().div(255)
+
+
+def split_indices(n=60000, val_fraction=0.1, seed=3136):
+    """The report's split: NumPy's legacy shuffle of range(n) seeded with 3136, the first 10%
+    for validation. A RandomState draws exactly what np.random.seed + np.random.shuffle drew."""
+    indices = list(range(n))
+    np.random.RandomState(seed).shuffle(indices)
+    n_val = int(np.floor(val_fraction * n))
+    return indices[n_val:], indices[:n_val]
+
+
+def load_train_val(data_dir, val_fraction, split_seed):
+    """The training and validation images, both cut from MNIST's training set."""
+    images = load_mnist(data_dir, train=True)
+    train_idx, val_idx = split_indices(len(images), val_fraction, split_seed)
+    if not train_idx or not val_idx:
+        raise UserError(f"--val-fraction {val_fraction} leaves an empty split of {len(images)} images")
+    return images[train_idx], images[val_idx]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model (report, section 1 and Figure 1)
+
+
+class VAE(nn.Module):
+    def __init__(self, latent_dim=LATENT_DIM):
+        super().__init__()
+        # Encoder: the 28 image rows are the LSTM's sequence of 28-pixel steps.
+        self.encoder_lstm = nn.LSTM(28, 64, batch_first=True, bidirectional=True)
+        self.encoder_mu = nn.Linear(128, latent_dim)
+        self.encoder_logvar = nn.Linear(128, latent_dim)
+        # Decoder: z -> 64x1x1 -> 4x4 -> 7x7 -> 14x14 -> 28x28.
+        self.decoder_fc = nn.Linear(latent_dim, 64)
+        self.decoder_list = nn.ModuleList([
+            nn.ConvTranspose2d(64, 64, kernel_size=4, stride=1),
+            nn.ConvTranspose2d(64, 32, kernel_size=4, stride=1),
+            nn.ConvTranspose2d(32, 16, kernel_size=4, stride=2, padding=1),
+            nn.ConvTranspose2d(16, 1, kernel_size=4, stride=2, padding=1),
+        ])
+
+    def encode(self, x):
+        """(B, 28, 28) or (B, 1, 28, 28) images -> mu, logvar of q(z|x), each (B, latent_dim)."""
+        _, (hidden, _) = self.encoder_lstm(x.reshape(-1, 28, 28))
+        final_states = torch.cat([hidden[0], hidden[1]], dim=1)  # forward and backward directions
+        return self.encoder_mu(final_states), self.encoder_logvar(final_states)
+
+    def reparametrize(self, mu, logvar, generator=None):
+        """z = mu + sigma * eps, eps ~ N(0, I); a generator makes eps reproducible."""
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * logvar) * eps
+
+    def decode(self, z):
+        """(B, latent_dim) -> (B, 1, 28, 28) pixel probabilities."""
+        h = F.relu(self.decoder_fc(z)).view(-1, 64, 1, 1)
+        for layer in self.decoder_list[:-1]:
+            h = F.relu(layer(h))
+        return torch.sigmoid(self.decoder_list[-1](h))
+
+    def forward(self, x, generator=None):
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparametrize(mu, logvar, generator)), mu, logvar
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss (report, section 1.4; the report's KL formula has a typo, its code's is this one)
+
+
+def vae_loss(recon, x, mu, logvar, kl_weight=1.0):
+    """(total, bce, kl), each summed over the batch: BCE over pixels, plus the closed-form
+    KL(q(z|x) || N(0, I)). kl_weight is the report code's (1 + gamma) hook."""
+    bce = F.binary_cross_entropy(recon, x.reshape(recon.shape), reduction="sum")
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return bce + kl_weight * kl, bce, kl
+
+
+def per_image(loss_sums, n_images):
+    """Summed (total, bce, kl) -> per-image losses. The report divided by batches x 64,
+    which undercounts a short last batch; this divides by the images actually seen."""
+    total, bce, kl = (torch.as_tensor(loss_sums, dtype=torch.float64) / n_images).tolist()
+    return {"bce": bce, "kl": kl, "total": total}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and validation (report, section 2)
+
+
+class EarlyStopping:
+    """Counts the epochs since the best validation total; the report's code counted but never stopped."""
+
+    def __init__(self, patience, best=math.inf, bad_epochs=0):
+        self.patience, self.best, self.bad_epochs = patience, best, bad_epochs
+
+    def step(self, val_total):
+        """Record one epoch's validation total; True when it is the best so far."""
+        if val_total < self.best:
+            self.best, self.bad_epochs = val_total, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self):
+        return self.bad_epochs >= self.patience
+
+
+def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch):
+    """One pass over the training images in a fresh random order; per-image losses."""
+    model.train()
+    batches = torch.randperm(len(images)).to(images.device).split(batch_size)
+    batch_losses = torch.empty(len(batches), 3, device=images.device)  # read once, at the end
+    for i, index in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None)):
+        x = images[index]
+        recon, mu, logvar = model(x)
+        losses = vae_loss(recon, x, mu, logvar, kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        losses[0].backward()
+        optimizer.step()
+        batch_losses[i] = torch.stack(losses).detach()
+    batch_losses = batch_losses.cpu()
+    bad_batches = (~torch.isfinite(batch_losses)).any(dim=1).nonzero()
+    if len(bad_batches):
+        batch = bad_batches[0].item()
+        raise UserError(
+            f"the loss became {batch_losses[batch, 0].item()} in epoch {epoch}, batch {batch + 1} of {len(batches)}; "
+            f"stopped with the saved checkpoints as they were (a smaller --lr may help)"
+        )
+    return per_image(batch_losses.sum(dim=0), len(images))
+
+
+@torch.no_grad()
+def evaluate(model, images, kl_weight=1.0):
+    """Per-image losses of a whole split, in eval mode, with z drawn from a fixed seed."""
+    model.eval()
+    generator = torch.Generator(images.device).manual_seed(EVAL_SEED)
+    sums = torch.zeros(3, dtype=torch.float64, device=images.device)
+    for x in images.split(EVAL_BATCH_SIZE):
+        recon, mu, logvar = model(x, generator)
+        sums += torch.stack(vae_loss(recon, x, mu, logvar, kl_weight)).double()
+    return per_image(sums.cpu(), len(images))
+
+
+def checkpoint_config(args):
+    """Everything that shapes a run's results; stored in every checkpoint."""
+    names = ("epochs", "patience", "batch_size", "lr", "val_fraction", "split_seed", "seed", "kl_weight")
+    return {"latent_dim": LATENT_DIM, **{name: getattr(args, name) for name in names}}
+
+
+def save_checkpoint(checkpoint, path):
+    write_atomically(path, lambda file: torch.save(checkpoint, file))
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: a pickle that carries code is refused, never run."""
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or refused by weights_only
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read the checkpoint {path}: {reason}") from None
+
+
+def load_model(path, device):
+    """The model of a checkpoint written by `train`, or of a bare state_dict saved by the
+    report's code (same parameter names), with the checkpoint's config beside it."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}")
+    config = checkpoint.get("config", {"latent_dim": LATENT_DIM})
+    model = VAE(config["latent_dim"])
+    try:
+        model.load_state_dict(checkpoint.get("model", checkpoint))
+    except (RuntimeError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise UserError(f"{path} does not hold this model's weights: {reason}") from None
+    return model.to(device), config
+
+
+def write_history(history, path):
+    def write(file):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+        file.write(text.getvalue().encode())
+
+    write_atomically(path, write)
+
+
+def write_json(data, path):
+    write_atomically(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def start_or_resume(args, model, optimizer, out):
+    """(first epoch to run, history, early stopping): a fresh start, or the state of last.pt."""
+    if not args.resume:
+        return 1, [], EarlyStopping(args.patience)
+    state = read_checkpoint(out / "last.pt")
+    if not isinstance(state, dict) or "config" not in state:
+        raise UserError(f"{out / 'last.pt'} is not a run's last.pt")
+    changed = [f"{name} {state['config'].get(name)} there, {value} here"
+               for name, value in checkpoint_config(args).items() if state["config"].get(name) != value]
+    if changed:
+        raise UserError(f"--resume: {out} was trained with other settings ({'; '.join(changed)})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    if torch.cuda.is_available() and state["rng_cuda"]:
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["epoch"] + 1, state["history"], EarlyStopping(args.patience, state["best_val"], state["bad_epochs"])
+
+
+def fit(args, model, train_images, val_images, out):
+    """Train with early stopping on the validation total; best_model.pt keeps the best epoch,
+    last.pt everything needed to resume. Returns the history and why training stopped."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+    first_epoch, history, stopper = start_or_resume(args, model, optimizer, out)
+    config = checkpoint_config(args)
+    for epoch in range(first_epoch, args.epochs + 1):
+        if stopper.should_stop:
+            break
+        start = time.perf_counter()
+        train = train_epoch(model, optimizer, train_images, args.batch_size, args.kl_weight, epoch)
+        train_seconds = time.perf_counter() - start
+        val = evaluate(model, val_images, args.kl_weight)
+        improved = stopper.step(val["total"])
+        if improved:
+            save_checkpoint({"config": config, "model": model.state_dict(), "epoch": epoch, "val_loss": val["total"]},
+                            out / "best_model.pt")
+        history.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
+                        **{f"val_{k}": v for k, v in val.items()},
+                        "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
+        save_checkpoint({"config": config, "epoch": epoch, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "best_val": stopper.best,
+                         "bad_epochs": stopper.bad_epochs, "history": history, "rng_cpu": torch.get_rng_state(),
+                         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                        out / "last.pt")
+        write_history(history, out / "history.csv")
+        print(f"epoch {epoch:2d}/{args.epochs}  train bce {train['bce']:6.2f} kl {train['kl']:5.2f} "
+              f"total {train['total']:6.2f}  |  val bce {val['bce']:6.2f} kl {val['kl']:5.2f} "
+              f"total {val['total']:6.2f}  {history[-1]['seconds']:5.1f}s{'  best' if improved else ''}", flush=True)
+    if stopper.should_stop:
+        return history, f"early stopping: no better validation total in {args.patience} epochs"
+    return history, f"reached --epochs {args.epochs}"
+
+
+def plot_losses(history, best_epoch, path):
+    """The report's Figure 2: train and validation BCE, KL and total per epoch."""
+    epochs = [row["epoch"] for row in history]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for part, color in (("total", "C0"), ("bce", "C1"), ("kl", "C2")):
+        axes.plot(epochs, [row[f"train_{part}"] for row in history], color=color, label=f"train {part}")
+        axes.plot(epochs, [row[f"val_{part}"] for row in history], color=color, linestyle="--", label=f"val {part}")
+    axes.axvline(best_epoch, color="grey", linewidth=0.8, label=f"best epoch ({best_epoch})")
+    axes.set(xlabel="epoch", ylabel="loss per image (nats)", title="LSTM-VAE on MNIST: training curves")
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes.legend(ncol=2, fontsize=8)
+    figure.tight_layout()
+    write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=100))
+    plt.close(figure)
+
+
+def save_grid(images, path, nrow):
+    write_atomically(path, lambda file: torchvision.utils.save_image(images, file, nrow=nrow, format="png", padding=2,
+                                                                      pad_value=0.5))
+
+
+@torch.no_grad()
+def save_reconstructions(model, images, path, n=10):
+    """The report's Figures 3 and 4: n originals above their reconstructions."""
+    model.eval()
+    x = images[:n]
+    recon, _, _ = model(x, torch.Generator(x.device).manual_seed(EVAL_SEED))
+    save_grid(torch.cat([x.reshape(-1, 1, 28, 28), recon]).cpu(), path, nrow=n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Test (report, section 3): the best model, under torch.no_grad(), never a gradient step
+
+
+def summary_table(results):
+    lines = [f"{'':6}{'report: BCE':>12}{'KL':>7}{'total':>8}  |{'this run: BCE':>14}{'KL':>7}{'total':>8}"]
+    for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
+        report, ours = REPORT_RESULTS[split], results[split]
+        lines.append(f"{name:6}{report['bce']:12.2f}{report['kl']:7.2f}{report['total']:8.2f}  |"
+                     f"{ours['bce']:14.2f}{ours['kl']:7.2f}{ours['total']:8.2f}")
+    return "\n".join(lines)
+
+
+def train(args):
+    out = Path(args.out)
+    check_out_dir(out, new_run=not args.resume)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    train_images, val_images = (images.to(device) for images in
+                                load_train_val(args.data_dir, args.val_fraction, args.split_seed))
+    test_images = load_mnist(args.data_dir, train=False).to(device)
+    print(f"{len(train_images)} training, {len(val_images)} validation, {len(test_images)} test images; "
+          f"device {device}; writing to {out}")
+
+    history, stop_reason = fit(args, VAE().to(device), train_images, val_images, out)
+
+    start = time.perf_counter()
+    model, _ = load_model(out / "best_model.pt", device)  # the best model, not the last (a report bug)
+    best = min(history, key=lambda row: row["val_total"])["epoch"]  # the first best, as early stopping saw it
+    results = {split: evaluate(model, images, args.kl_weight)
+               for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
+    train_seconds = sum(row["train_seconds"] for row in history)
+    results.update(best_epoch=best, epochs_run=len(history), stop_reason=stop_reason,
+                   seconds=sum(row["seconds"] for row in history) + time.perf_counter() - start,
+                   train_images_per_second=len(train_images) * len(history) / train_seconds)
+    write_json(results, out / "results.json")
+    plot_losses(history, best, out / "loss_plot.png")
+    save_reconstructions(model, train_images, out / "train_reconstruction.png")
+    save_reconstructions(model, test_images, out / "test_reconstruction.png")
+    save_samples(model, 100, 10, args.seed, out / "generated.png")
+    print(f"\n{stop_reason}; best epoch {best} of {len(history)}; {results['seconds']:.0f}s, "
+          f"{results['train_images_per_second']:.0f} training images/s")
+    print(f"per-image losses of the best model (nats):\n{summary_table(results)}")
+    print(f"written to {out}: best_model.pt, last.pt, history.csv, results.json, loss_plot.png, "
+          f"train_reconstruction.png, test_reconstruction.png, generated.png")
+
+
+def evaluate_command(args):
+    device = resolve_device(args.device)
+    model, config = load_model(args.checkpoint, device)
+    json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "evaluation.json"
+    check_out_dir(json_path.parent)
+    if args.split == "test":
+        images = load_mnist(args.data_dir, train=False)
+    else:
+        splits = load_train_val(args.data_dir, config.get("val_fraction", 0.1), config.get("split_seed", 3136))
+        images = splits[args.split == "val"]
+    images = images.to(device)
+    evaluation = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(images),
+                  **evaluate(model, images, config.get("kl_weight", 1.0))}
+    line = (f"{args.split}: {len(images)} images, per image: BCE {evaluation['bce']:.2f}, KL {evaluation['kl']:.2f}, "
+            f"total {evaluation['total']:.2f}")
+    if args.iw_samples > 1:
+        evaluation["iw_samples"] = args.iw_samples
+        evaluation["iw_nll"] = importance_weighted_nll(model, images, args.iw_samples).mean().item()
+        line += f"; -log p(x) ~ {evaluation['iw_nll']:.2f} (importance-weighted, K={args.iw_samples})"
+    write_json(evaluation, json_path)
+    print(f"{line}\nwritten to {json_path}")
+
+
+@torch.no_grad()
+def log_importance_weights(model, x, n_samples, generator=None, chunk=100):
+    """log p(x|z) + log p(z) - log q(z|x) for n_samples z ~ q(z|x) per image: (B, n_samples).
+    The samples are drawn and decoded `chunk` at a time, so memory stays bounded for any K."""
+    mu, logvar = model.encode(x)
+    sigma = torch.exp(0.5 * logvar)
+    prior = torch.distributions.Normal(0.0, 1.0)
+    posterior = torch.distributions.Normal(mu.unsqueeze(1), sigma.unsqueeze(1))
+    target = x.reshape(len(x), 1, -1)
+    log_weights = []
+    for size in torch.arange(n_samples).split(chunk):
+        eps = torch.randn((len(x), len(size), mu.shape[1]), generator=generator, device=x.device)
+        z = mu.unsqueeze(1) + sigma.unsqueeze(1) * eps
+        recon = model.decode(z.reshape(-1, mu.shape[1])).reshape(len(x), len(size), -1)
+        log_likelihood = -F.binary_cross_entropy(recon, target.expand_as(recon), reduction="none").sum(-1)
+        log_weights.append(log_likelihood + prior.log_prob(z).sum(-1) - posterior.log_prob(z).sum(-1))
+    return torch.cat(log_weights, dim=1)
+
+
+@torch.no_grad()
+def importance_weighted_nll(model, images, n_samples, batch_size=100):
+    """Per-image IWAE estimate of -log p(x): -log of the mean of K importance weights, in nats."""
+    model.eval()
+    generator = torch.Generator(images.device).manual_seed(EVAL_SEED)
+    estimates = []
+    for x in tqdm(images.split(batch_size), desc=f"K={n_samples}", leave=False, disable=None):
+        log_weights = log_importance_weights(model, x, n_samples, generator)
+        estimates.append(math.log(n_samples) - torch.logsumexp(log_weights, dim=1))
+    return torch.cat(estimates)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation (the report's generator.py, which duplicated the config and never saved its figure)
+
+
+@torch.no_grad()
+def save_samples(model, n, nrow, seed, path):
+    """Decode n draws of z ~ N(0, I) into one grid image."""
+    model.eval()
+    device = next(model.parameters()).device
+    z = torch.randn((n, model.decoder_fc.in_features), generator=torch.Generator(device).manual_seed(seed),
+                    device=device)
+    save_grid(model.decode(z).cpu(), path, nrow)
+
+
+def generate(args):
+    model, _ = load_model(args.checkpoint, resolve_device(args.device))
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "generated.png"
+    check_out_dir(out.parent)
+    save_samples(model, args.n, args.nrow, args.seed, out)
+    print(f"{args.n} generated digits written to {out}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def resolve_device(name):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        name = next(device for device, ok in available.items() if ok)
+    if not available[name]:
+        raise UserError(f"--device {name}: no {name.upper()} device is available here (try --device cpu)")
+    return torch.device(name)
+
+
+def check_out_dir(folder, new_run=False):
+    """Fail before any work, not after 50 epochs: the folder must be writable and, for a new
+    run, must not hold an earlier run that would be overwritten."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise UserError(f"cannot write to {folder}: {error.strerror}") from None
+    if new_run and any((folder / name).exists() for name in ("best_model.pt", "last.pt")):
+        raise UserError(f"{folder} already holds a run; continue it with --resume, or choose another --out")
+
+
+def number(kind, is_valid, requirement):
+    """An argparse type: `kind` parsed from the text, then checked."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and is_valid(value)):
+            raise argparse.ArgumentTypeError(f"{text} is not {requirement}")
+        return value
+    return parse
+
+
+POSITIVE_INT = number(int, lambda v: v >= 1, "a positive integer")
+NATURAL = number(int, lambda v: v >= 0, "a non-negative integer")
+SEED = number(int, lambda v: 0 <= v < 2**32, "a seed in [0, 2**32)")
+POSITIVE = number(float, lambda v: v > 0, "a positive number")
+NON_NEGATIVE = number(float, lambda v: v >= 0, "a non-negative number")
+FRACTION = number(float, lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+
+    run = commands.add_parser("train", help="train on MNIST, keep the best model, test it", formatter_class=defaults)
+    run.add_argument("--epochs", type=POSITIVE_INT, default=50, help="at most this many epochs")
+    run.add_argument("--patience", type=POSITIVE_INT, default=10,
+                     help="stop after this many epochs without a better validation total")
+    run.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="training images per Adam step")
+    run.add_argument("--lr", type=POSITIVE, default=1e-3, help="Adam's learning rate")
+    run.add_argument("--val-fraction", type=FRACTION, default=0.1, help="share of the 60,000 held out for validation")
+    run.add_argument("--split-seed", type=SEED, default=3136, help="NumPy seed of the train/validation split")
+    run.add_argument("--seed", type=SEED, default=0, help="torch seed: initial weights, batch order, noise")
+    run.add_argument("--kl-weight", type=NON_NEGATIVE, default=1.0, help="weight of the KL term (the report's 1 + gamma)")
+    run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    run.add_argument("--out", default="runs/lstm_vae", help="folder for the checkpoints, logs and figures")
+
+    sample = commands.add_parser("generate", help="decode z ~ N(0, I) into a grid of digits", formatter_class=defaults)
+    sample.add_argument("--n", type=POSITIVE_INT, default=100, help="number of digits")
+    sample.add_argument("--nrow", type=POSITIVE_INT, default=10, help="digits per row of the grid")
+    sample.add_argument("--seed", type=SEED, default=0, help="seed of the z draws")
+    sample.add_argument("--out", help="PNG to write (default: generated.png beside the checkpoint)")
+
+    score = commands.add_parser("evaluate", help="per-image losses of a split, and -log p(x)", formatter_class=defaults)
+    score.add_argument("--split", choices=["train", "val", "test"], default="test", help="which images")
+    score.add_argument("--iw-samples", type=NATURAL, default=0,
+                       help="K > 1 adds the importance-weighted estimate of -log p(x) with K samples per image")
+    score.add_argument("--json", help="JSON to write (default: evaluation.json beside the checkpoint)")
+
+    for command in (sample, score):
+        command.add_argument("--checkpoint", default="runs/lstm_vae/best_model.pt", help="model to load")
+    for command in (run, score):
+        command.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (downloaded if absent)")
+    for command in (run, sample, score):
+        command.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                             help="auto takes CUDA or MPS when there is one")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        {"train": train, "generate": generate, "evaluate": evaluate_command}[args.command](args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; {interrupted_message(args, argv)}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def interrupted_message(args, argv):
+    """What an interrupted command leaves behind, and how to go on."""
+    last = Path(getattr(args, "out", "")) / "last.pt"
+    if args.command != "train":
+        return "nothing was written"
+    if not last.is_file():
+        return "no epoch had finished, so nothing was saved"
+    epoch = torch.load(last, weights_only=True)["epoch"]
+    resume = " ".join(["python vae_lstm.py", *argv, *([] if args.resume else ["--resume"])])
+    return f"{last} holds epoch {epoch} and {last.parent / 'best_model.pt'} the best so far; resume with: {resume}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
