@@ -528,8 +528,15 @@ NON_NEGATIVE = number(float, lambda v: v >= 0, "a non-negative number")
 FRACTION = number(float, lambda v: 0 < v < 1, "a fraction strictly between 0 and 1")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error told in one line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter
