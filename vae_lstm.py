@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -190,24 +191,19 @@ def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch):
     """One pass over the training images in a fresh random order; per-image losses."""
     model.train()
     batches = torch.randperm(len(images)).to(images.device).split(batch_size)
-    batch_losses = torch.empty(len(batches), 3, device=images.device)  # read once, at the end
-    for i, index in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None)):
+    sums = torch.zeros(3, dtype=torch.float64, device=images.device)
+    for batch, index in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None), start=1):
         x = images[index]
         recon, mu, logvar = model(x)
         losses = vae_loss(recon, x, mu, logvar, kl_weight)
+        if not torch.isfinite(losses[0]):  # caught before the step, so no weight turns NaN
+            raise UserError(f"the loss became {losses[0].item()} in epoch {epoch}, batch {batch} of {len(batches)}; "
+                            f"stopped, the saved checkpoints are as they were (a smaller --lr may help)")
         optimizer.zero_grad(set_to_none=True)
         losses[0].backward()
         optimizer.step()
-        batch_losses[i] = torch.stack(losses).detach()
-    batch_losses = batch_losses.cpu()
-    bad_batches = (~torch.isfinite(batch_losses)).any(dim=1).nonzero()
-    if len(bad_batches):
-        batch = bad_batches[0].item()
-        raise UserError(
-            f"the loss became {batch_losses[batch, 0].item()} in epoch {epoch}, batch {batch + 1} of {len(batches)}; "
-            f"stopped with the saved checkpoints as they were (a smaller --lr may help)"
-        )
-    return per_image(batch_losses.sum(dim=0), len(images))
+        sums += torch.stack(losses).detach().double()
+    return per_image(sums.cpu(), len(images))
 
 
 @torch.no_grad()
@@ -237,7 +233,9 @@ def read_checkpoint(path):
     if not Path(path).is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a refused file is reported below, in one line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or refused by weights_only
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot read the checkpoint {path}: {reason}") from None
@@ -535,13 +533,19 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, but for flags whose help says it (None) and switches (False)."""
 
-    run = commands.add_parser("train", help="train on MNIST, keep the best model, test it", formatter_class=defaults)
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("train", formatter_class=HelpWithDefaults,
+                              help="train on MNIST, keep the best model, test it")
     run.add_argument("--epochs", type=POSITIVE_INT, default=50, help="at most this many epochs")
     run.add_argument("--patience", type=POSITIVE_INT, default=10,
                      help="stop after this many epochs without a better validation total")
@@ -550,17 +554,20 @@ def parse_args(argv=None):
     run.add_argument("--val-fraction", type=FRACTION, default=0.1, help="share of the 60,000 held out for validation")
     run.add_argument("--split-seed", type=SEED, default=3136, help="NumPy seed of the train/validation split")
     run.add_argument("--seed", type=SEED, default=0, help="torch seed: initial weights, batch order, noise")
-    run.add_argument("--kl-weight", type=NON_NEGATIVE, default=1.0, help="weight of the KL term (the report's 1 + gamma)")
+    run.add_argument("--kl-weight", type=NON_NEGATIVE, default=1.0,
+                     help="weight of the KL term (the report's 1 + gamma)")
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     run.add_argument("--out", default="runs/lstm_vae", help="folder for the checkpoints, logs and figures")
 
-    sample = commands.add_parser("generate", help="decode z ~ N(0, I) into a grid of digits", formatter_class=defaults)
+    sample = commands.add_parser("generate", formatter_class=HelpWithDefaults,
+                                 help="decode z ~ N(0, I) into a grid of digits")
     sample.add_argument("--n", type=POSITIVE_INT, default=100, help="number of digits")
     sample.add_argument("--nrow", type=POSITIVE_INT, default=10, help="digits per row of the grid")
     sample.add_argument("--seed", type=SEED, default=0, help="seed of the z draws")
     sample.add_argument("--out", help="PNG to write (default: generated.png beside the checkpoint)")
 
-    score = commands.add_parser("evaluate", help="per-image losses of a split, and -log p(x)", formatter_class=defaults)
+    score = commands.add_parser("evaluate", formatter_class=HelpWithDefaults,
+                                help="per-image losses of a split, and -log p(x)")
     score.add_argument("--split", choices=["train", "val", "test"], default="test", help="which images")
     score.add_argument("--iw-samples", type=NATURAL, default=0,
                        help="K > 1 adds the importance-weighted estimate of -log p(x) with K samples per image")

@@ -1,0 +1,487 @@
+"""Tests of vae_lstm.py: `pytest test_vae_lstm.py`, under 2 minutes on 2 CPU cores.
+
+Most tests run on tiny MNIST-format files written here; one trains briefly on the real
+MNIST, found at $VAE_LSTM_MNIST, else at ../shared/mnist or ./data beside this file.
+"""
+import json
+import math
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vae_lstm
+from vae_lstm import VAE, EarlyStopping, evaluate, main, split_indices, train_epoch, vae_loss
+
+HERE = Path(__file__).resolve().parent
+TINY_TRAIN, TINY_TEST = 200, 50  # 180 training images: batches of 64, 64 and a short 52
+TINY_EPOCHS = 6
+
+# The report's Figure 1: every parameter's name and shape (175,665 in all).
+REPORT_PARAMETERS = {
+    "encoder_lstm.weight_ih_l0": (256, 28), "encoder_lstm.weight_hh_l0": (256, 64),
+    "encoder_lstm.bias_ih_l0": (256,), "encoder_lstm.bias_hh_l0": (256,),
+    "encoder_lstm.weight_ih_l0_reverse": (256, 28), "encoder_lstm.weight_hh_l0_reverse": (256, 64),
+    "encoder_lstm.bias_ih_l0_reverse": (256,), "encoder_lstm.bias_hh_l0_reverse": (256,),
+    "encoder_mu.weight": (64, 128), "encoder_mu.bias": (64,),
+    "encoder_logvar.weight": (64, 128), "encoder_logvar.bias": (64,),
+    "decoder_fc.weight": (64, 64), "decoder_fc.bias": (64,),
+    "decoder_list.0.weight": (64, 64, 4, 4), "decoder_list.0.bias": (64,),
+    "decoder_list.1.weight": (64, 32, 4, 4), "decoder_list.1.bias": (32,),
+    "decoder_list.2.weight": (32, 16, 4, 4), "decoder_list.2.bias": (16,),
+    "decoder_list.3.weight": (16, 1, 4, 4), "decoder_list.3.bias": (1,),
+}
+
+
+def write_idx(path, array):
+    """An MNIST (IDX) file: magic 0x08 0x<ndim>, big-endian sizes, then the uint8 values."""
+    path.write_bytes(struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+                     + array.astype(np.uint8).tobytes())
+
+
+def write_tiny_mnist(root):
+    """Tiny MNIST in torchvision's layout, root/MNIST/raw: strokes of random length and slope."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", TINY_TRAIN), ("t10k", TINY_TEST)):
+        images = np.zeros((n, 28, 28), np.uint8)
+        for image in images:
+            top, bottom = sorted(rng.integers(3, 25, size=2))
+            column, slope = rng.integers(8, 20), rng.uniform(-0.4, 0.4)
+            for row in range(top, bottom + 1):
+                x = int(column + slope * (row - top))
+                image[row, x - 1:x + 2] = 255
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    return root
+
+
+def real_mnist():
+    if "VAE_LSTM_MNIST" in os.environ:  # set by .ci/run: there the test must run, never skip
+        return Path(os.environ["VAE_LSTM_MNIST"])
+    found = [path for path in (HERE.parent / "shared" / "mnist", HERE / "data") if (path / "MNIST" / "raw").is_dir()]
+    if not found:
+        pytest.skip("no real MNIST here: set VAE_LSTM_MNIST to the folder holding MNIST/raw")
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_mnist(tmp_path_factory):
+    return write_tiny_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+def train_args(data, out, *extra):
+    return ["train", "--data-dir", str(data), "--epochs", str(TINY_EPOCHS), "--out", str(out), *extra]
+
+
+def run_script(*args, **kwargs):
+    return subprocess.run([sys.executable, str(HERE / "vae_lstm.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=HERE, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_mnist, tmp_path_factory):
+    """The whole `train` command, run as a user runs it, for the tests below to inspect."""
+    out = tmp_path_factory.mktemp("reference")
+    done = run_script(*train_args(tiny_mnist, out), timeout=120)
+    assert done.returncode == 0, done.stderr
+    return out, done.stdout
+
+
+def losses(results):
+    """The nine per-image losses of a results.json, flat: {"train bce": ..., "test total": ...}."""
+    return {f"{split} {name}": results[split][name]
+            for split in ("train", "val", "test") for name in ("bce", "kl", "total")}
+
+
+def read_results(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def one_error_line(captured, *words):
+    """The user sees exactly one line, with these words, and no traceback."""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    for word in words:
+        assert word in lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and loss
+
+
+def test_model_has_the_report_layers_and_parameter_count():
+    model = VAE()
+    assert {name: tuple(p.shape) for name, p in model.state_dict().items()} == REPORT_PARAMETERS
+    assert sum(p.numel() for p in model.parameters()) == 175_665
+    layers = str(model)
+    assert "LSTM(28, 64, batch_first=True, bidirectional=True)" in layers
+    assert "ConvTranspose2d(32, 16, kernel_size=(4, 4), stride=(2, 2), padding=(1, 1))" in layers
+    for x in (torch.rand(5, 28, 28), torch.rand(5, 1, 28, 28)):
+        recon, mu, logvar = model(x)
+        assert recon.shape == (5, 1, 28, 28) and mu.shape == logvar.shape == (5, 64)
+        assert 0 <= recon.min() and recon.max() <= 1
+
+
+def test_encoder_reads_the_rows_and_both_final_states():
+    model, x = VAE(), torch.rand(3, 28, 28)
+    _, (hidden, _) = model.encoder_lstm(x)
+    mu, _ = model.encode(x.unsqueeze(1))
+    expected = model.encoder_mu(torch.cat([hidden[0], hidden[1]], dim=1))
+    torch.testing.assert_close(mu, expected)
+
+
+def test_kl_equals_torch_distributions():
+    mu, logvar = torch.randn(8, 64), torch.randn(8, 64)
+    x = torch.rand(8, 1, 28, 28)
+    recon = torch.rand(8, 1, 28, 28).clamp(0.01, 0.99)
+    total, bce, kl = vae_loss(recon, x, mu, logvar, kl_weight=2.0)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros(64), torch.ones(64))
+    torch.testing.assert_close(kl, torch.distributions.kl_divergence(q, p).sum())
+    torch.testing.assert_close(bce, -(x * recon.log() + (1 - x) * (1 - recon).log()).sum())
+    torch.testing.assert_close(total, bce + 2.0 * kl)
+
+
+def deterministic_vae():
+    """A VAE whose sigma is ~exp(-50): z = mu, so its losses do not depend on the noise."""
+    torch.manual_seed(1)
+    model = VAE()
+    with torch.no_grad():
+        model.encoder_logvar.weight.zero_()
+        model.encoder_logvar.bias.fill_(-100.0)
+    return model
+
+
+def test_losses_are_averaged_over_the_images_seen_with_a_short_last_batch():
+    model, images = deterministic_vae(), torch.rand(100, 28, 28)  # batches of 64 and 36
+    recon, mu, logvar = model(images)
+    expected = [value.item() / 100 for value in vae_loss(recon, images, mu, logvar)]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)  # a pass that changes no weight
+    for result in (train_epoch(model, optimizer, images, 64, 1.0, epoch=1), evaluate(model, images)):
+        assert [result["total"], result["bce"], result["kl"]] == pytest.approx(expected, rel=1e-5)
+        assert result["total"] != pytest.approx(expected[0] * 100 / 128, rel=1e-3)  # the report's batches x 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and split
+
+
+def test_split_is_the_report_legacy_numpy_shuffle():
+    np.random.seed(3136)
+    report_order = list(range(60000))
+    np.random.shuffle(report_order)
+    train_idx, val_idx = split_indices()
+    assert val_idx == report_order[:6000] and train_idx == report_order[6000:]
+    assert len(train_idx) == 54000 and len(val_idx) == 6000
+    assert set(train_idx).isdisjoint(val_idx) and set(train_idx) | set(val_idx) == set(range(60000))
+
+
+def test_real_mnist_loads_splits_and_trains_briefly():
+    root = real_mnist()
+    train_images, val_images = vae_lstm.load_train_val(root, 0.1, 3136)
+    full = vae_lstm.load_mnist(root, train=True)
+    assert train_images.shape == (54000, 28, 28) and val_images.shape == (6000, 28, 28)
+    torch.testing.assert_close(val_images, full[split_indices()[1]])
+    assert full.min() == 0 and full.max() == 1 and full.dtype == torch.float32
+    assert len(vae_lstm.load_mnist(root, train=False)) == 10000
+
+    torch.manual_seed(0)
+    model = VAE()
+    before = evaluate(model, val_images)["total"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_epoch(model, optimizer, train_images[:6400], 64, 1.0, epoch=1)
+    after = evaluate(model, val_images)
+    assert before > 500 and after["total"] < 210, (before, after)  # 100 Adam steps learn the digits' shape
+    assert 0 < after["kl"] < after["bce"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: early stopping, checkpoints, the whole command line
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    stopper = EarlyStopping(patience=2)
+    verdicts = [(stopper.step(loss), stopper.should_stop) for loss in (5.0, 4.0, 4.0, 3.0, 3.5, 3.2)]
+    assert verdicts == [(True, False), (True, False), (False, False), (True, False), (False, False), (False, True)]
+
+
+def test_training_stops_at_the_right_epoch_and_keeps_the_best(tiny_mnist, tmp_path, monkeypatch):
+    val_totals = iter([9.0, 8.0, 7.0, 7.5, 7.2, 7.0, 8.0])  # best at 3, then 3 epochs without a better one
+    scripted = {"bce": 1.0, "kl": 1.0, "total": 2.0}
+    monkeypatch.setattr(vae_lstm, "train_epoch", lambda *args: scripted)
+    monkeypatch.setattr(vae_lstm, "evaluate", lambda *args: {**scripted, "total": next(val_totals, 2.0)})
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "50", "--patience", "3")) == 0
+    results = read_results(tmp_path)
+    assert results["epochs_run"] == 6 and results["best_epoch"] == 3
+    assert results["stop_reason"].startswith("early stopping")
+    assert torch.load(tmp_path / "best_model.pt", weights_only=True)["epoch"] == 3
+
+
+def test_checkpoint_round_trip_and_a_bare_report_state_dict(tmp_path):
+    model = VAE()
+    vae_lstm.save_checkpoint({"config": {"latent_dim": 64}, "model": model.state_dict(), "epoch": 1,
+                              "val_loss": 1.0}, tmp_path / "best_model.pt")
+    torch.save(model.state_dict(), tmp_path / "report.pt")  # what the report's code saved
+    x = torch.rand(4, 28, 28)
+    expected = model.eval()(x, torch.Generator().manual_seed(0))[0]
+    for name in ("best_model.pt", "report.pt"):
+        loaded, config = vae_lstm.load_model(tmp_path / name, "cpu")
+        assert config["latent_dim"] == 64
+        assert torch.equal(loaded.eval()(x, torch.Generator().manual_seed(0))[0], expected)
+    VAE().load_state_dict(torch.load(tmp_path / "report.pt", weights_only=True), strict=True)
+
+
+def test_train_command_writes_every_artifact(reference_run):
+    out, stdout = reference_run
+    checkpoint = torch.load(out / "best_model.pt", weights_only=True)
+    assert set(checkpoint) == {"config", "model", "epoch", "val_loss"}
+    assert checkpoint["config"]["latent_dim"] == 64 and checkpoint["config"]["lr"] == 1e-3
+    rows = (out / "history.csv").read_text().splitlines()
+    assert rows[0].split(",")[:7] == ["epoch", "train_bce", "train_kl", "train_total", "val_bce", "val_kl", "val_total"]
+    assert "seconds" in rows[0] and len(rows) == 1 + TINY_EPOCHS
+    val_totals = [float(row.split(",")[6]) for row in rows[1:]]
+    assert checkpoint["epoch"] == 1 + val_totals.index(min(val_totals))
+    assert checkpoint["val_loss"] == pytest.approx(min(val_totals))
+
+    results = read_results(out)
+    assert results["best_epoch"] == checkpoint["epoch"] and results["epochs_run"] == TINY_EPOCHS
+    assert results["stop_reason"] == f"reached --epochs {TINY_EPOCHS}"
+    assert results["val"]["total"] == pytest.approx(checkpoint["val_loss"], rel=1e-6)  # the best model was tested
+    for split in ("train", "val", "test"):
+        bce, kl, total = (results[split][name] for name in ("bce", "kl", "total"))
+        assert 0 < kl and 0 < bce < 784 * math.log(2) * 2 and total == pytest.approx(bce + kl)
+    assert results["seconds"] > 0 and results["train_images_per_second"] > 0
+    assert "97.57" in stdout and f"{results['test']['total']:.2f}" in stdout  # beside the report's numbers
+
+    assert Image.open(out / "loss_plot.png").size == (700, 450)
+    for name, size in (("train_reconstruction.png", (302, 62)), ("test_reconstruction.png", (302, 62)),
+                       ("generated.png", (302, 302))):
+        pixels = np.asarray(Image.open(out / name).convert("L"), dtype=float)
+        assert pixels.shape[::-1] == size and pixels.std() > 10, name  # a grid of 28x28 images, not blank
+
+
+def test_same_seed_gives_identical_numbers(reference_run, tiny_mnist, tmp_path):
+    assert main(train_args(tiny_mnist, tmp_path)) == 0
+    assert losses(read_results(tmp_path)) == losses(read_results(reference_run[0]))
+
+
+def test_generate_and_evaluate_commands(reference_run, tiny_mnist, capsys):
+    out = reference_run[0]
+    checkpoint = out / "best_model.pt"
+    assert main(["generate", "--checkpoint", str(checkpoint), "--n", "7", "--out", str(out / "seven.png")]) == 0
+    assert Image.open(out / "seven.png").size == (2 + 7 * 30, 32)  # one row of 7, torchvision's 2-pixel padding
+
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--iw-samples", "5"]) == 0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    results = read_results(out)
+    assert evaluation["images"] == TINY_TEST and evaluation["iw_samples"] == 5
+    assert evaluation["total"] == pytest.approx(results["test"]["total"], rel=1e-6)  # same z: same numbers
+    assert 0 < evaluation["iw_nll"] < evaluation["total"] + 5
+    assert "-log p(x)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# The importance-weighted estimate of -log p(x)
+
+
+def test_importance_weighted_estimate_with_one_sample_is_the_negative_elbo_of_that_z():
+    model, x = VAE().eval(), torch.rand(6, 28, 28)
+    estimate = vae_lstm.importance_weighted_nll(model, x, n_samples=1)
+    mu, logvar = model.encode(x)
+    generator = torch.Generator().manual_seed(vae_lstm.EVAL_SEED)
+    z = model.reparametrize(mu, logvar, generator)
+    bce = torch.nn.functional.binary_cross_entropy(model.decode(z), x.unsqueeze(1), reduction="none").sum((1, 2, 3))
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    log_p_z = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
+    torch.testing.assert_close(estimate, (bce - log_p_z + q.log_prob(z).sum(1)).detach(), rtol=1e-5, atol=1e-3)
+
+
+def test_importance_weighted_estimate_is_no_larger_than_the_mean_negative_elbo():
+    model, x = VAE().eval(), torch.rand(10, 28, 28)
+    log_weights = vae_lstm.log_importance_weights(model, x, 250, torch.Generator().manual_seed(0), chunk=64)
+    assert log_weights.shape == (10, 250) and torch.isfinite(log_weights).all()
+    estimate = math.log(250) - torch.logsumexp(log_weights, dim=1)
+    assert (estimate <= -log_weights.mean(dim=1)).all()  # for the same 250 draws, image by image
+    assert estimate.mean() < -log_weights.mean()  # strictly better on average
+
+
+# ----------------------------------------------------------------------------------------------
+# Interruption and resumption
+
+
+def start_and_stop_after_epoch(tiny_mnist, out, epoch, stop_signal):
+    """Start `train` as a user would, and send it a signal once it has reported `epoch`."""
+    child = subprocess.Popen([sys.executable, str(HERE / "vae_lstm.py"), *train_args(tiny_mnist, out)], cwd=HERE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in child.stdout:
+        if line.startswith(f"epoch {epoch:2d}/"):
+            child.send_signal(stop_signal)
+            break
+    stdout, stderr = child.communicate(timeout=60)
+    assert not (out / "results.json").exists(), "the run ended before it could be stopped"
+    return child.returncode, stderr
+
+
+def test_ctrl_c_saves_and_resume_gives_the_uninterrupted_results(reference_run, tiny_mnist, tmp_path, capsys):
+    status, stderr = start_and_stop_after_epoch(tiny_mnist, tmp_path, 2, signal.SIGINT)
+    assert status == 130 and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "--resume" in stderr and "last.pt" in stderr
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] >= 2
+
+    assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 0
+    resumed, reference = read_results(tmp_path), read_results(reference_run[0])
+    assert losses(resumed) == pytest.approx(losses(reference), abs=1e-6)
+    assert resumed["best_epoch"] == reference["best_epoch"] and resumed["epochs_run"] == TINY_EPOCHS
+
+
+def test_sigkill_leaves_loadable_checkpoints_and_resume_finishes(reference_run, tiny_mnist, tmp_path):
+    status, _ = start_and_stop_after_epoch(tiny_mnist, tmp_path, 1, signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    assert torch.load(tmp_path / "best_model.pt", weights_only=True)["epoch"] >= 1
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"epoch", "model", "optimizer", "best_val", "bad_epochs", "history", "rng_cpu"} <= set(last)
+    assert len(last["history"]) == last["epoch"]
+
+    assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 0
+    assert losses(read_results(tmp_path)) == pytest.approx(losses(read_results(reference_run[0])), abs=1e-6)
+
+
+def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "best_model.pt"
+    vae_lstm.save_checkpoint({"epoch": 1}, path)
+
+    def torch_save_then_die(obj, file):
+        file.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torch_save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        vae_lstm.save_checkpoint({"epoch": 2}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["best_model.pt"]  # no temporary file left behind
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_best_model(tiny_mnist, tmp_path, monkeypatch, capsys):
+    calls = {"training": 0}
+
+    def loss_that_explodes(recon, x, mu, logvar, kl_weight=1.0):
+        total, bce, kl = vae_loss(recon, x, mu, logvar, kl_weight)
+        calls["training"] += torch.is_grad_enabled()
+        return (total * math.nan if calls["training"] == 5 else total), bce, kl  # epoch 2, batch 2 of 3
+
+    monkeypatch.setattr(vae_lstm, "vae_loss", loss_that_explodes)
+    assert main(train_args(tiny_mnist, tmp_path)) == 2
+    one_error_line(capsys.readouterr(), "nan", "epoch 2, batch 2 of 3")
+    assert torch.load(tmp_path / "best_model.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_resume_needs_a_run_with_the_same_settings(reference_run, tiny_mnist, tmp_path, capsys):
+    assert main(train_args(tiny_mnist, tmp_path / "nothing", "--resume")) == 2
+    one_error_line(capsys.readouterr(), "no checkpoint", "last.pt")
+    out = reference_run[0]
+    before = (out / "last.pt").read_bytes()
+    assert main(train_args(tiny_mnist, out, "--resume", "--lr", "0.01")) == 2
+    one_error_line(capsys.readouterr(), "other settings", "lr 0.001 there, 0.01 here")
+    assert (out / "last.pt").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, a non-zero status, no traceback, nothing overwritten
+
+
+def corrupt_copy(tiny_mnist, tmp_path, damage):
+    root = tmp_path / "broken"
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for file in (tiny_mnist / "MNIST" / "raw").iterdir():
+        (raw / file.name).write_bytes(file.read_bytes())
+    target = raw / "train-images-idx3-ubyte"
+    target.write_bytes(damage(target.read_bytes()))
+    return root
+
+
+@pytest.mark.parametrize("make_data_dir", [
+    lambda tiny, tmp: tmp / "missing",
+    lambda tiny, tmp: (tmp / "empty").mkdir() or tmp / "empty",
+    lambda tiny, tmp: corrupt_copy(tiny, tmp, lambda data: data[:5000]),  # truncated
+    lambda tiny, tmp: corrupt_copy(tiny, tmp, lambda data: b"\x00\x00\x07\x09" + data[4:]),  # bad magic number
+], ids=["missing", "empty", "truncated", "corrupt"])
+def test_unreadable_data_is_one_clear_line(make_data_dir, tiny_mnist, tmp_path, capsys):
+    data_dir = make_data_dir(tiny_mnist, tmp_path)
+    assert main(["train", "--data-dir", str(data_dir), "--out", str(tmp_path / "run")]) == 2
+    one_error_line(capsys.readouterr(), "MNIST", "train-images-idx3-ubyte", str(data_dir))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_unusable_out_folders_are_refused_before_training(reference_run, tiny_mnist, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for out, words in ((a_file, ["is a file"]), (a_file / "run", ["cannot write"])):
+        assert main(train_args(tiny_mnist, out)) == 2
+        one_error_line(capsys.readouterr(), *words)
+    out = reference_run[0]
+    before = (out / "best_model.pt").read_bytes()
+    assert main(train_args(tiny_mnist, out)) == 2  # a second run into the same folder
+    one_error_line(capsys.readouterr(), "already holds a run", "--resume")
+    assert (out / "best_model.pt").read_bytes() == before
+
+
+class CodeCarrier:
+    """A pickle that, when loaded without weights_only, runs code: it creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "not_a_checkpoint", "other_layer_sizes", "carries_code"])
+def test_bad_checkpoints_are_refused(kind, reference_run, tmp_path, capsys):
+    path, good = tmp_path / "model.pt", reference_run[0] / "best_model.pt"
+    marker = tmp_path / "code_ran"
+    if kind == "truncated":
+        path.write_bytes(good.read_bytes()[:20000])
+    elif kind == "not_a_checkpoint":
+        path.write_text("these are not the weights you are looking for")
+    elif kind == "other_layer_sizes":
+        torch.save({"config": {"latent_dim": 64}, "model": VAE(latent_dim=32).state_dict()}, path)
+    elif kind == "carries_code":
+        path.write_bytes(pickle.dumps({"config": {"latent_dim": 64}, "model": CodeCarrier(str(marker))}))
+    for command in (["generate"], ["evaluate", "--data-dir", "unused"]):
+        assert main([*command, "--checkpoint", str(path), "--out" if command == ["generate"] else "--json",
+                     str(tmp_path / "written")]) == 2
+        one_error_line(capsys.readouterr(), str(path))
+    assert not marker.exists() and not (tmp_path / "written").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--epochs", "0"], ["train", "--batch-size", "0"], ["train", "--lr", "-1"], ["train", "--lr", "nan"],
+    ["train", "--val-fraction", "1.5"], ["train", "--patience", "two"], ["generate", "--n", "0"],
+    ["generate", "--nrow", "-2"], ["evaluate", "--iw-samples", "-3"], ["evaluate", "--split", "dev"],
+])
+def test_out_of_range_numbers_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    one_error_line(capsys.readouterr(), "error", argv[1])
+
+
+def test_cuda_where_there_is_none(tiny_mnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(train_args(tiny_mnist, tmp_path, "--device", "cuda")) == 2
+    one_error_line(capsys.readouterr(), "--device cuda", "no CUDA device")
