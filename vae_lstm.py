@@ -47,6 +47,11 @@ class UserError(Exception):
     """A problem the user can fix (a path, a number, a file): reported in one line, no traceback."""
 
 
+def first_line(error):
+    """The gist of a library's error message, which may run over many lines."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def write_atomically(path, write):
     """Call write(binary_file) on a temporary file beside `path`, then rename it over `path`,
     so that a kill at any moment leaves either the old file or the new one, never half of one."""
@@ -73,9 +78,8 @@ def load_mnist(data_dir, train):
     try:
         dataset = torchvision.datasets.MNIST(root=data_dir, train=train, download=True)
     except Exception as error:  # no network, or missing, truncated or corrupt files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
-            f"cannot read MNIST from {Path(data_dir) / 'MNIST' / 'raw'} ({reason}); it needs the four files "
+            f"cannot read MNIST from {Path(data_dir) / 'MNIST' / 'raw'} ({first_line(error)}); it needs the four files "
             f"{', '.join(MNIST_FILES)} there (pass --data-dir to point at them)"
         ) from None
     images = dataset.data
@@ -237,8 +241,7 @@ def read_checkpoint(path):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or refused by weights_only
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot read the checkpoint {path}: {reason}") from None
+        raise UserError(f"cannot read the checkpoint {path}: {first_line(error)}") from None
 
 
 def load_model(path, device):
@@ -252,8 +255,7 @@ def load_model(path, device):
     try:
         model.load_state_dict(checkpoint.get("model", checkpoint))
     except (RuntimeError, TypeError) as error:
-        reason = str(error).strip().splitlines()[0]
-        raise UserError(f"{path} does not hold this model's weights: {reason}") from None
+        raise UserError(f"{path} does not hold this model's weights: {first_line(error)}") from None
     return model.to(device), config
 
 
