@@ -358,6 +358,15 @@ def test_sigkill_leaves_loadable_checkpoints_and_resume_finishes(reference_run, 
     assert losses(read_results(tmp_path)) == pytest.approx(losses(read_results(reference_run[0])), abs=1e-6)
 
 
+def test_ctrl_c_outside_training_says_nothing_was_written(reference_run, monkeypatch, capsys):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vae_lstm, "save_samples", interrupt)
+    assert main(["generate", "--checkpoint", str(reference_run[0] / "best_model.pt")]) == 130
+    assert capsys.readouterr().err == "interrupted; nothing was written\n"
+
+
 def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "best_model.pt"
     vae_lstm.save_checkpoint({"epoch": 1}, path)

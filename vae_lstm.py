@@ -601,9 +601,9 @@ def main(argv=None):
 
 def interrupted_message(args, argv):
     """What an interrupted command leaves behind, and how to go on."""
-    last = Path(getattr(args, "out", "")) / "last.pt"
     if args.command != "train":
         return "nothing was written"
+    last = Path(args.out) / "last.pt"
     if not last.is_file():
         return "no epoch had finished, so nothing was saved"
     epoch = torch.load(last, weights_only=True)["epoch"]
