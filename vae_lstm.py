@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -47,9 +48,11 @@ class UserError(Exception):
     """A problem the user can fix (a path, a number, a file): reported in one line, no traceback."""
 
 
-def first_line(error):
-    """The gist of a library's error message, which may run over many lines."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def gist(error):
+    """The first sentence of a library's error message that says something, for a one-line report
+    (skipping headings such as "Error(s) in loading state_dict for VAE:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().endswith(":")]
+    return (lines or [type(error).__name__])[0].split(". ")[0]
 
 
 def write_atomically(path, write):
@@ -77,11 +80,12 @@ def load_mnist(data_dir, train):
     the values ToTensor gives, held in memory so that batches are cut by indexing."""
     try:
         dataset = torchvision.datasets.MNIST(root=data_dir, train=train, download=True)
-    except Exception as error:  # no network, or missing, truncated or corrupt files
-        raise UserError(
-            f"cannot read MNIST from {Path(data_dir) / 'MNIST' / 'raw'} ({first_line(error)}); it needs the four files "
-            f"{', '.join(MNIST_FILES)} there (pass --data-dir to point at them)"
-        ) from None
+    except Exception as error:  # missing files and no network, or truncated or corrupt files
+        raw = Path(data_dir) / "MNIST" / "raw"
+        missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+        reason = f"{len(missing)} of its files missing, and downloading them failed" if missing else gist(error)
+        raise UserError(f"cannot read MNIST from {raw} ({reason}); it needs the four files "
+                        f"{', '.join(MNIST_FILES)} there (pass --data-dir to point at them)") from None
     images = dataset.data
     if images.dim() != 3 or images.shape[1:] != (28, 28) or len(images) != len(dataset.targets):
         raise UserError(f"{dataset.raw_folder} does not hold MNIST: images of shape {tuple(images.shape)}")
@@ -240,8 +244,12 @@ def read_checkpoint(path):
         with warnings.catch_warnings():  # a refused file is reported below, in one line
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a torch file, or refused by weights_only
-        raise UserError(f"cannot read the checkpoint {path}: {first_line(error)}") from None
+    except pickle.UnpicklingError:  # not a pickle, or one that carries code
+        raise UserError(f"cannot read the checkpoint {path}: torch.load(weights_only=True) refused it, as it holds "
+                        f"more than tensors and plain data (nothing in it was run)") from None
+    except Exception as error:  # truncated, or not a torch file at all
+        raise UserError(f"cannot read the checkpoint {path}: it is not a whole file written by torch.save "
+                        f"({gist(error)})") from None
 
 
 def load_model(path, device):
@@ -255,7 +263,7 @@ def load_model(path, device):
     try:
         model.load_state_dict(checkpoint.get("model", checkpoint))
     except (RuntimeError, TypeError) as error:
-        raise UserError(f"{path} does not hold this model's weights: {first_line(error)}") from None
+        raise UserError(f"{path} does not hold this model's weights: {gist(error)}") from None
     return model.to(device), config
 
 
