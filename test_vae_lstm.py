@@ -392,10 +392,16 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_best_model(tiny_mnist, tm
 
     monkeypatch.setattr(vae_lstm, "vae_loss", loss_that_explodes)
     assert main(train_args(tiny_mnist, tmp_path)) == 2
-    one_error_line(capsys.readouterr(), "nan", "epoch 2, batch 2 of 3")
+    one_error_line(capsys.readouterr(), "the loss is nan", "epoch 2, batch 2 of 3")
     assert torch.load(tmp_path / "best_model.pt", weights_only=True)["epoch"] == 1
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_diverging_run_stops_with_one_line(tiny_mnist, tmp_path, capsys):
+    assert main(train_args(tiny_mnist, tmp_path, "--lr", "1e6")) == 2  # the first step wrecks the weights
+    one_error_line(capsys.readouterr(), "training diverged in epoch 1, batch 2 of 3", "--lr")
+    assert not (tmp_path / "best_model.pt").exists() and not (tmp_path / "results.json").exists()
 
 
 def test_resume_needs_a_run_with_the_same_settings(reference_run, tiny_mnist, tmp_path, capsys):
@@ -461,7 +467,8 @@ class CodeCarrier:
         return (Path.touch, (self.marker,))
 
 
-@pytest.mark.parametrize("kind", ["missing", "truncated", "not_a_checkpoint", "other_layer_sizes", "carries_code"])
+@pytest.mark.parametrize("kind", ["missing", "truncated", "not_a_checkpoint", "other_layer_sizes", "nan_weights",
+                                  "carries_code"])
 def test_bad_checkpoints_are_refused(kind, reference_run, tmp_path, capsys):
     path, good = tmp_path / "model.pt", reference_run[0] / "best_model.pt"
     marker = tmp_path / "code_ran"
@@ -471,6 +478,10 @@ def test_bad_checkpoints_are_refused(kind, reference_run, tmp_path, capsys):
         path.write_text("these are not the weights you are looking for")
     elif kind == "other_layer_sizes":
         torch.save({"config": {"latent_dim": 64}, "model": VAE(latent_dim=32).state_dict()}, path)
+    elif kind == "nan_weights":
+        weights = VAE().state_dict()
+        weights["decoder_fc.bias"][3] = math.nan
+        torch.save({"config": {"latent_dim": 64}, "model": weights}, path)
     elif kind == "carries_code":
         path.write_bytes(pickle.dumps({"config": {"latent_dim": 64}, "model": CodeCarrier(str(marker))}))
     for command in (["generate"], ["evaluate", "--data-dir", "unused"]):
@@ -478,7 +489,8 @@ def test_bad_checkpoints_are_refused(kind, reference_run, tmp_path, capsys):
                      str(tmp_path / "written")]) == 2
         reason = {"missing": "no checkpoint", "truncated": "not a whole file written by torch.save",
                   "not_a_checkpoint": "not a whole file written by torch.save",
-                  "other_layer_sizes": "size mismatch", "carries_code": "weights_only=True) refused it"}[kind]
+                  "other_layer_sizes": "size mismatch", "nan_weights": "NaN or inf",
+                  "carries_code": "weights_only=True) refused it"}[kind]
         one_error_line(capsys.readouterr(), str(path), reason)
     assert not marker.exists() and not (tmp_path / "written").exists()
 

@@ -195,6 +195,11 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
 
+def diverged(epoch, batch, n_batches, symptom):
+    return UserError(f"training diverged in epoch {epoch}, batch {batch} of {n_batches}: {symptom}; stopped, "
+                     f"the saved checkpoints are as they were (a smaller --lr may help)")
+
+
 def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch):
     """One pass over the training images in a fresh random order; per-image losses."""
     model.train()
@@ -203,10 +208,11 @@ def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch):
     for batch, index in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None), start=1):
         x = images[index]
         recon, mu, logvar = model(x)
+        if not torch.isfinite(recon).all():  # the last step made a weight NaN or inf (BCE would refuse these)
+            raise diverged(epoch, batch, len(batches), "the reconstructions hold NaN or inf")
         losses = vae_loss(recon, x, mu, logvar, kl_weight)
-        if not torch.isfinite(losses[0]):  # caught before the step, so no weight turns NaN
-            raise UserError(f"the loss became {losses[0].item()} in epoch {epoch}, batch {batch} of {len(batches)}; "
-                            f"stopped, the saved checkpoints are as they were (a smaller --lr may help)")
+        if not torch.isfinite(losses[0]):
+            raise diverged(epoch, batch, len(batches), f"the loss is {losses[0].item()}")
         optimizer.zero_grad(set_to_none=True)
         losses[0].backward()
         optimizer.step()
@@ -222,6 +228,8 @@ def evaluate(model, images, kl_weight=1.0):
     sums = torch.zeros(3, dtype=torch.float64, device=images.device)
     for x in images.split(EVAL_BATCH_SIZE):
         recon, mu, logvar = model(x, generator)
+        if not torch.isfinite(recon).all():  # weights made NaN by a diverging step, or a damaged checkpoint
+            raise UserError("the model's reconstructions hold NaN or inf: its weights are not finite")
         sums += torch.stack(vae_loss(recon, x, mu, logvar, kl_weight)).double()
     return per_image(sums.cpu(), len(images))
 
@@ -264,6 +272,8 @@ def load_model(path, device):
         model.load_state_dict(checkpoint.get("model", checkpoint))
     except (RuntimeError, TypeError) as error:
         raise UserError(f"{path} does not hold this model's weights: {gist(error)}") from None
+    if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
+        raise UserError(f"{path} holds weights that are NaN or inf")
     return model.to(device), config
 
 
