@@ -557,7 +557,8 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each default, but for flags whose help says it (None) and switches (False)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        said_in_help = action.default is None or action.default is False  # not 0, which == False
+        return action.help if said_in_help else super()._get_help_string(action)
 
 
 def parse_args(argv=None):
