@@ -51,7 +51,7 @@ class UserError(Exception):
 def gist(error):
     """The first sentence of a library's error message that says something, for a one-line report
     (skipping headings such as "Error(s) in loading state_dict for VAE:")."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().endswith(":")]
+    lines = [line for line in map(str.strip, str(error).splitlines()) if line and not line.endswith(":")]
     return (lines or [type(error).__name__])[0].split(". ")[0]
 
 
@@ -625,7 +625,7 @@ def interrupted_message(args, argv):
     last = Path(args.out) / "last.pt"
     if not last.is_file():
         return "no epoch had finished, so nothing was saved"
-    epoch = torch.load(last, weights_only=True)["epoch"]
+    epoch = read_checkpoint(last)["epoch"]
     resume = " ".join(["python vae_lstm.py", *argv, *([] if args.resume else ["--resume"])])
     return f"{last} holds epoch {epoch} and {last.parent / 'best_model.pt'} the best so far; resume with: {resume}"
 
