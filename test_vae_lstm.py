@@ -3,11 +3,14 @@
 Most tests run on tiny MNIST-format files written here; one trains briefly on the real
 MNIST, found at $VAE_LSTM_MNIST, else at ../shared/mnist or ./data beside this file.
 """
+import errno
+import io
 import json
 import math
 import os
 import pickle
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -316,6 +319,88 @@ def test_importance_weighted_estimate_is_no_larger_than_the_mean_negative_elbo()
     assert estimate.mean() < -log_weights.mean()  # strictly better on average
 
 
+def test_fast_importance_weighted_estimate_equals_the_straightforward_computation_for_the_same_draws():
+    model, x, n_samples = VAE().eval(), torch.rand(6, 28, 28), 37
+    fast = vae_lstm.importance_weighted_nll(model, x, n_samples, chunk=50)  # chunks that straddle images
+
+    mu, logvar = model.encode(x)  # as the code did before: one draw, one decoder call, torch.distributions
+    eps = torch.randn((6, n_samples, 64), generator=torch.Generator().manual_seed(vae_lstm.EVAL_SEED))
+    z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+    recon = model.decode(z.reshape(-1, 64)).reshape(6, n_samples, 784)
+    target = x.reshape(6, 1, 784).expand_as(recon)
+    log_likelihood = -torch.nn.functional.binary_cross_entropy(recon, target, reduction="none").sum(-1)
+    posterior = torch.distributions.Normal(mu.unsqueeze(1), torch.exp(0.5 * logvar).unsqueeze(1))
+    prior = torch.distributions.Normal(0.0, 1.0)
+    log_weights = log_likelihood + prior.log_prob(z).sum(-1) - posterior.log_prob(z).sum(-1)
+    expected = math.log(n_samples) - torch.logsumexp(log_weights, dim=1)
+    torch.testing.assert_close(fast, expected.detach(), rtol=1e-5, atol=1e-3)
+    assert model.decoder_list[1].weight.is_contiguous()  # the caller's model keeps its layout
+
+
+# ----------------------------------------------------------------------------------------------
+# The latent space
+
+
+def test_interpolation_runs_from_the_decoded_mean_code_of_one_image_to_the_other():
+    model, mu = VAE().eval(), torch.randn(8, 64) * 3
+    with torch.no_grad():
+        path = vae_lstm.interpolate(model, mu[:4], mu[4:])
+        assert path.shape == (4, vae_lstm.INTERPOLATION_STEPS, 1, 28, 28)
+        torch.testing.assert_close(path[:, 0], model.decode(mu[:4]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(path[:, -1], model.decode(mu[4:]), rtol=0, atol=1e-6)
+        midway = model.decode((mu[:4] + mu[4:]) / 2)
+    torch.testing.assert_close(path[:, 4:6].mean(1), midway, rtol=0, atol=0.1)  # a path, not two end points
+    assert (path[:, 0] - path[:, -1]).abs().max() > 0.01
+
+
+def test_a_dimension_whose_encoder_mu_row_is_zero_is_inactive(tiny_mnist, tmp_path):
+    torch.manual_seed(0)
+    model, dead = VAE(), [3, 17, 40]
+    with torch.no_grad():
+        model.encoder_mu.weight.mul_(1000)  # activity x 1e6: every other dimension far above the threshold
+        model.encoder_mu.weight[dead] = 0
+    images, labels = vae_lstm.load_mnist(tiny_mnist, train=False, labels=True)
+    exploration = vae_lstm.explore(model, images, labels, tmp_path, "scaled.pt")
+    activity = torch.tensor(exploration["activity"])
+    assert (activity <= vae_lstm.ACTIVITY_THRESHOLD).nonzero().flatten().tolist() == dead
+    assert exploration["active_units"] == 64 - len(dead) and activity.min() == 0
+
+
+def test_explore_command_writes_its_four_files(reference_run, tiny_mnist, tmp_path, capsys):
+    out = reference_run[0]
+    assert main(["explore", "--checkpoint", str(out / "best_model.pt"), "--data-dir", str(tiny_mnist),
+                 "--out", str(tmp_path)]) == 0
+    exploration = json.loads((tmp_path / "exploration.json").read_text())
+    assert exploration["latent_dim"] == 64 and len(exploration["activity"]) == len(exploration["kl_per_dim"]) == 64
+    assert exploration["active_units"] == sum(a > 0.01 for a in exploration["activity"])
+    assert f"{exploration['active_units']} of 64 latent dimensions active" in capsys.readouterr().out
+    assert sum(exploration["kl_per_dim"]) == pytest.approx(read_results(out)["test"]["kl"], rel=1e-5)
+    assert all(kl >= 0 for kl in exploration["kl_per_dim"]) and 0 < exploration["principal_components_variance"] < 1
+    images, labels = vae_lstm.load_mnist(tiny_mnist, train=False, labels=True)
+    for left, right in exploration["interpolation_pairs"]:
+        assert labels[left] != labels[right]
+    assert {int(labels[left]) for left, _ in exploration["interpolation_pairs"]} == set(range(8))
+
+    grid = np.asarray(Image.open(tmp_path / "interpolation.png").convert("L"), dtype=float)
+    assert grid.shape == (2 + 8 * 30, 2 + 12 * 30) and grid.std() > 10  # 8 rows: image, 10 steps, image
+    left = images[exploration["interpolation_pairs"][0][0]].numpy() * 255
+    np.testing.assert_allclose(grid[2:30, 2:30], left, atol=1)  # the pair's own images frame each row
+    for name in ("latent_map.png", "latent_usage.png"):
+        pixels = np.asarray(Image.open(tmp_path / name).convert("L"), dtype=float)
+        assert pixels.shape[1] == 700 and pixels.std() > 10, name
+    # `train` wrote the same exploration of its best model into its run folder
+    assert json.loads((out / "exploration.json").read_text())["activity"] == exploration["activity"]
+    assert all((out / name).stat().st_size > 0 for name in vae_lstm.EXPLORATION_FILES)
+
+
+def test_kl_per_dimension_sums_to_the_kl_that_evaluate_reports(reference_run, tiny_mnist, tmp_path):
+    model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
+    images, labels = vae_lstm.load_mnist(tiny_mnist, train=False, labels=True)
+    exploration = vae_lstm.explore(model, images, labels, tmp_path, "best_model.pt")
+    assert sum(exploration["kl_per_dim"]) == pytest.approx(evaluate(model, images)["kl"], rel=1e-6)
+    assert exploration["kl"] == pytest.approx(sum(exploration["kl_per_dim"]), rel=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # Interruption and resumption
 
@@ -356,6 +441,96 @@ def test_sigkill_leaves_loadable_checkpoints_and_resume_finishes(reference_run, 
 
     assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 0
     assert losses(read_results(tmp_path)) == pytest.approx(losses(read_results(reference_run[0])), abs=1e-6)
+
+
+def test_sigterm_saves_and_resume_gives_the_uninterrupted_results(reference_run, tiny_mnist, tmp_path):
+    status, stderr = start_and_stop_after_epoch(tiny_mnist, tmp_path, 2, signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("terminated (SIGTERM); ")
+    epoch = torch.load(tmp_path / "last.pt", weights_only=True)["epoch"]
+    assert epoch >= 2 and f"last.pt holds epoch {epoch}" in stderr and stderr.strip().endswith("--resume")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written file
+
+    assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 0
+    assert losses(read_results(tmp_path)) == pytest.approx(losses(read_results(reference_run[0])), abs=1e-6)
+
+
+def test_sigterm_outside_training_says_nothing_was_written(reference_run, tiny_mnist, tmp_path, monkeypatch, capsys):
+    def terminate(*args):
+        raise vae_lstm.Terminated
+
+    monkeypatch.setattr(vae_lstm, "importance_weighted_nll", terminate)
+    assert main(["evaluate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(tiny_mnist),
+                 "--iw-samples", "10", "--json", str(tmp_path / "evaluation.json")]) == 143
+    assert capsys.readouterr().err == "terminated (SIGTERM); nothing was written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk that fills up after its first 1,000 bytes."""
+
+    def write(self, data):
+        super().write(bytes(data)[:1000])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_is_one_line_and_resume_goes_on_once_there_is_room(reference_run, tiny_mnist, tmp_path,
+                                                                      monkeypatch, capsys):
+    writes_of_last = []
+
+    def open_on_a_disk_that_fills(path, mode="r", *args, **kwargs):  # the disk fills while epoch 2 is saved
+        if Path(path).name.startswith(".last.pt."):
+            writes_of_last.append(path)
+            if len(writes_of_last) == 2:
+                return FullDisk(path, "w")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(vae_lstm, "open", open_on_a_disk_that_fills, raising=False)
+    assert main(train_args(tiny_mnist, tmp_path)) == 1
+    one_error_line(capsys.readouterr(), f"cannot write {tmp_path / 'last.pt'}: No space left on device",
+                   "last.pt holds epoch 1", "both intact", "once that is fixed, resume with", "--resume")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt", "history.csv", "last.pt"]  # no .tmp
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert len((tmp_path / "history.csv").read_text().splitlines()) == 2
+
+    monkeypatch.undo()  # room again
+    assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 0
+    assert losses(read_results(tmp_path)) == pytest.approx(losses(read_results(reference_run[0])), abs=1e-6)
+
+    monkeypatch.setattr(vae_lstm, "open", lambda path, mode="r": FullDisk(path, "w"), raising=False)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "best_model.pt"), "--data-dir", str(tiny_mnist)]) == 1
+    one_error_line(capsys.readouterr(), "evaluation.json: No space left on device; nothing was written")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name == "evaluation.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_file_gets_the_mode_open_gives_under_the_umask(umask, reference_run, tiny_mnist, tmp_path):
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain").write_text("written by open()")
+        run = tmp_path / "run"
+        assert main(train_args(tiny_mnist, run, "--epochs", "1")) == 0
+        checkpoint = str(run / "best_model.pt")
+        assert main(["generate", "--checkpoint", checkpoint, "--out", str(run / "digits.png")]) == 0
+        assert main(["evaluate", "--checkpoint", checkpoint, "--data-dir", str(tiny_mnist)]) == 0
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in run.iterdir()}
+    assert len(modes) == 14 and set(modes.values()) == {oct(expected)}, modes
+
+
+def test_a_second_train_into_a_live_run_folder_is_refused(reference_run, tiny_mnist, tmp_path, capsys):
+    first = subprocess.Popen([sys.executable, str(HERE / "vae_lstm.py"), *train_args(tiny_mnist, tmp_path)], cwd=HERE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "images; device" in first.stdout.readline()  # it holds the folder and has loaded its data
+    for extra in ([], ["--resume"]):
+        assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(tmp_path), *extra]) == 2
+        one_error_line(capsys.readouterr(), str(tmp_path), "in use by another train")  # refused before the data
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert losses(read_results(tmp_path)) == losses(read_results(reference_run[0]))
 
 
 def test_ctrl_c_outside_training_says_nothing_was_written(reference_run, monkeypatch, capsys):

@@ -5,17 +5,22 @@ with the bugs of its code fixed (see README.md).
     python vae_lstm.py train                 # the report's experiment
     python vae_lstm.py generate --n 100      # digits from the best model
     python vae_lstm.py evaluate              # test-set losses (and -log p(x))
+    python vae_lstm.py explore               # what the latent space learned
 
 The file follows the report: data and split, model, loss, training with
-validation and early stopping, test, generation, then the command line.
+validation and early stopping, test, generation, then what goes beyond the
+report (the latent space) and the command line.
 """
 import argparse
+import contextlib
+import copy
 import csv
 import io
 import json
 import math
 import os
 import pickle
+import signal
 import sys
 import tempfile
 import time
@@ -33,9 +38,16 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
+try:
+    import fcntl  # POSIX: one train per run folder at a time
+except ImportError:  # Windows has no flock: there two runs into one folder are not prevented (README)
+    fcntl = None
+
 LATENT_DIM = 64  # size of z (report, section 1.2)
 EVAL_BATCH_SIZE = 1000  # evaluation holds no gradients, so it can take big batches
 EVAL_SEED = 0  # evaluation draws its z from this seed: one checkpoint, one set of numbers
+IW_CODES = 100_000  # -log p(x) draws K codes per image for this many codes at a time (26 MB), then
+IW_CHUNK = 500  # decodes them this many at a time: on 10,000 the decoder runs slower per code (README, Speed)
 REPORT_RESULTS = {  # the report's table (section 3), per image, for the closing summary
     "train": {"bce": 76.97, "kl": 19.74, "total": 96.71},
     "val": {"bce": 77.73, "kl": 19.62, "total": 97.35},
@@ -48,6 +60,23 @@ class UserError(Exception):
     """A problem the user can fix (a path, a number, a file): reported in one line, no traceback."""
 
 
+class WriteError(UserError):
+    """The operating system refused to store a file (a full disk, a read-only file system, a lost
+    permission): reported with what the run left intact and how to go on."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, how schedulers (SLURM, Kubernetes, systemd) stop a job, raised where the program is,
+    as Ctrl-C raises KeyboardInterrupt: both take the same way out, through the normal flow."""
+
+
+def raise_terminated(signum, frame):
+    """The SIGTERM handler: it only raises, and touches no file. A repeated SIGTERM is ignored, so that
+    it cannot cut short the way out (SIGKILL still stops the process)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
 def gist(error):
     """The first sentence of a library's error message that says something, for a one-line report
     (skipping headings such as "Error(s) in loading state_dict for VAE:")."""
@@ -56,18 +85,25 @@ def gist(error):
 
 
 def write_atomically(path, write):
-    """Call write(binary_file) on a temporary file beside `path`, then rename it over `path`,
-    so that a kill at any moment leaves either the old file or the new one, never half of one."""
+    """Call write(binary_file) on a file in memory, then store its bytes through a temporary file beside
+    `path` renamed over it: a kill at any moment leaves the old file or the new one, never half of one.
+    The file gets the mode open() gives under the user's umask (0644 under umask 022). If the system
+    cannot store it (say the disk is full), no temporary file stays and the old file is untouched."""
+    buffer = io.BytesIO()
+    write(buffer)  # in memory first, so that a full disk fails in plain file I/O, not inside torch.save
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # no other live process has this name
     try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
+        with open(temporary, "wb") as file:
+            file.write(buffer.getbuffer())
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise WriteError(f"cannot write {path}: {error.strerror or error}") from None
         raise
 
 
@@ -75,9 +111,10 @@ def write_atomically(path, write):
 # Data and split (report, section 2)
 
 
-def load_mnist(data_dir, train):
+def load_mnist(data_dir, train, labels=False):
     """MNIST's 60,000 training or 10,000 test images as one (N, 28, 28) float tensor in [0, 1],
-    the values ToTensor gives, held in memory so that batches are cut by indexing."""
+    the values ToTensor gives, held in memory so that batches are cut by indexing; with
+    labels=True, also their digits, an (N,) integer tensor."""
     try:
         dataset = torchvision.datasets.MNIST(root=data_dir, train=train, download=True)
     except Exception as error:  # missing files and no network, or truncated or corrupt files
@@ -89,7 +126,7 @@ def load_mnist(data_dir, train):
     images = dataset.data
     if images.dim() != 3 or images.shape[1:] != (28, 28) or len(images) != len(dataset.targets):
         raise UserError(f"{dataset.raw_folder} does not hold MNIST: images of shape {tuple(images.shape)}")
-    return images.float().div(255)
+    return (images.float().div(255), dataset.targets) if labels else images.float().div(255)
 
 
 def split_indices(n=60000, val_fraction=0.1, seed=3136):
@@ -221,13 +258,21 @@ def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch):
 
 
 @torch.no_grad()
+def encode_split(model, images):
+    """mu and logvar of q(z|x) for every image of a split, in eval mode: two (N, latent_dim) tensors."""
+    model.eval()
+    codes = [model.encode(x) for x in images.split(EVAL_BATCH_SIZE)]
+    return torch.cat([mu for mu, _ in codes]), torch.cat([logvar for _, logvar in codes])
+
+
+@torch.no_grad()
 def evaluate(model, images, kl_weight=1.0):
     """Per-image losses of a whole split, in eval mode, with z drawn from a fixed seed."""
-    model.eval()
+    mus, logvars = encode_split(model, images)
     generator = torch.Generator(images.device).manual_seed(EVAL_SEED)
     sums = torch.zeros(3, dtype=torch.float64, device=images.device)
-    for x in images.split(EVAL_BATCH_SIZE):
-        recon, mu, logvar = model(x, generator)
+    for x, mu, logvar in zip(images.split(EVAL_BATCH_SIZE), mus.split(EVAL_BATCH_SIZE), logvars.split(EVAL_BATCH_SIZE)):
+        recon = model.decode(model.reparametrize(mu, logvar, generator))
         if not torch.isfinite(recon).all():  # weights made NaN by a diverging step, or a damaged checkpoint
             raise UserError("the model's reconstructions hold NaN or inf: its weights are not finite")
         sums += torch.stack(vae_loss(recon, x, mu, logvar, kl_weight)).double()
@@ -356,6 +401,10 @@ def plot_losses(history, best_epoch, path):
     axes.set(xlabel="epoch", ylabel="loss per image (nats)", title="LSTM-VAE on MNIST: training curves")
     axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.legend(ncol=2, fontsize=8)
+    save_figure(figure, path)
+
+
+def save_figure(figure, path):
     figure.tight_layout()
     write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=100))
     plt.close(figure)
@@ -390,36 +439,39 @@ def summary_table(results):
 
 def train(args):
     out = Path(args.out)
-    check_out_dir(out, new_run=not args.resume)
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    train_images, val_images = (images.to(device) for images in
-                                load_train_val(args.data_dir, args.val_fraction, args.split_seed))
-    test_images = load_mnist(args.data_dir, train=False).to(device)
-    print(f"{len(train_images)} training, {len(val_images)} validation, {len(test_images)} test images; "
-          f"device {device}; writing to {out}")
+    with claim_run_folder(out, args.resume):
+        device = resolve_device(args.device)
+        torch.manual_seed(args.seed)
+        train_images, val_images = (images.to(device) for images in
+                                    load_train_val(args.data_dir, args.val_fraction, args.split_seed))
+        test_images, test_labels = load_mnist(args.data_dir, train=False, labels=True)
+        test_images = test_images.to(device)
+        print(f"{len(train_images)} training, {len(val_images)} validation, {len(test_images)} test images; "
+              f"device {device}; writing to {out}", flush=True)
 
-    history, stop_reason = fit(args, VAE().to(device), train_images, val_images, out)
+        history, stop_reason = fit(args, VAE().to(device), train_images, val_images, out)
 
-    start = time.perf_counter()
-    model, _ = load_model(out / "best_model.pt", device)  # the best model, not the last (a report bug)
-    best = min(history, key=lambda row: row["val_total"])["epoch"]  # the first best, as early stopping saw it
-    results = {split: evaluate(model, images, args.kl_weight)
-               for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
-    train_seconds = sum(row["train_seconds"] for row in history)
-    results.update(best_epoch=best, epochs_run=len(history), stop_reason=stop_reason,
-                   seconds=sum(row["seconds"] for row in history) + time.perf_counter() - start,
-                   train_images_per_second=len(train_images) * len(history) / train_seconds)
-    write_json(results, out / "results.json")
-    plot_losses(history, best, out / "loss_plot.png")
-    save_reconstructions(model, train_images, out / "train_reconstruction.png")
-    save_reconstructions(model, test_images, out / "test_reconstruction.png")
-    save_samples(model, 100, 10, args.seed, out / "generated.png")
+        start = time.perf_counter()
+        model, _ = load_model(out / "best_model.pt", device)  # the best model, not the last (a report bug)
+        best = min(history, key=lambda row: row["val_total"])["epoch"]  # the first best, as early stopping saw it
+        results = {split: evaluate(model, images, args.kl_weight)
+                   for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
+        train_seconds = sum(row["train_seconds"] for row in history)
+        results.update(best_epoch=best, epochs_run=len(history), stop_reason=stop_reason,
+                       seconds=sum(row["seconds"] for row in history) + time.perf_counter() - start,
+                       train_images_per_second=len(train_images) * len(history) / train_seconds)
+        write_json(results, out / "results.json")
+        plot_losses(history, best, out / "loss_plot.png")
+        save_reconstructions(model, train_images, out / "train_reconstruction.png")
+        save_reconstructions(model, test_images, out / "test_reconstruction.png")
+        save_samples(model, 100, 10, args.seed, out / "generated.png")
+        exploration = explore(model, test_images, test_labels, out, out / "best_model.pt")
     print(f"\n{stop_reason}; best epoch {best} of {len(history)}; {results['seconds']:.0f}s, "
           f"{results['train_images_per_second']:.0f} training images/s")
     print(f"per-image losses of the best model (nats):\n{summary_table(results)}")
+    print(active_units_line(exploration))
     print(f"written to {out}: best_model.pt, last.pt, history.csv, results.json, loss_plot.png, "
-          f"train_reconstruction.png, test_reconstruction.png, generated.png")
+          f"train_reconstruction.png, test_reconstruction.png, generated.png, {', '.join(EXPLORATION_FILES)}")
 
 
 def evaluate_command(args):
@@ -446,32 +498,32 @@ def evaluate_command(args):
 
 
 @torch.no_grad()
-def log_importance_weights(model, x, n_samples, generator=None, chunk=100):
-    """log p(x|z) + log p(z) - log q(z|x) for n_samples z ~ q(z|x) per image: (B, n_samples).
-    The samples are drawn and decoded `chunk` at a time, so memory stays bounded for any K."""
+def log_importance_weights(model, x, n_samples, generator=None, chunk=IW_CHUNK):
+    """log p(x|z) + log p(z) - log q(z|x) for n_samples z ~ q(z|x) per image: (B, n_samples), from one
+    draw of eps, (B, n_samples, latent_dim). The codes are decoded `chunk` at a time."""
     mu, logvar = model.encode(x)
-    sigma = torch.exp(0.5 * logvar)
-    prior = torch.distributions.Normal(0.0, 1.0)
-    posterior = torch.distributions.Normal(mu.unsqueeze(1), sigma.unsqueeze(1))
-    target = x.reshape(len(x), 1, -1)
-    log_weights = []
-    for size in torch.arange(n_samples).split(chunk):
-        eps = torch.randn((len(x), len(size), mu.shape[1]), generator=generator, device=x.device)
-        z = mu.unsqueeze(1) + sigma.unsqueeze(1) * eps
-        recon = model.decode(z.reshape(-1, mu.shape[1])).reshape(len(x), len(size), -1)
-        log_likelihood = -F.binary_cross_entropy(recon, target.expand_as(recon), reduction="none").sum(-1)
-        log_weights.append(log_likelihood + prior.log_prob(z).sum(-1) - posterior.log_prob(z).sum(-1))
-    return torch.cat(log_weights, dim=1)
+    eps = torch.randn((len(x), n_samples, mu.shape[1]), generator=generator, device=x.device)
+    z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+    # log N(z; 0, I) - log N(z; mu, sigma^2): the log(2 pi) terms cancel, and (z - mu) / sigma is eps
+    log_prior_over_posterior = 0.5 * (eps.pow(2) - z.pow(2) + logvar.unsqueeze(1)).sum(-1)
+    codes, pixels = z.flatten(0, 1), x.reshape(len(x), -1)
+    image_of_code = torch.arange(len(codes), device=x.device) // n_samples
+    log_likelihood = torch.cat([
+        -F.binary_cross_entropy(model.decode(some).flatten(1), pixels[images], reduction="none").sum(1)
+        for some, images in zip(codes.split(chunk), image_of_code.split(chunk))])
+    return log_likelihood.view(len(x), n_samples) + log_prior_over_posterior
 
 
 @torch.no_grad()
-def importance_weighted_nll(model, images, n_samples, batch_size=100):
-    """Per-image IWAE estimate of -log p(x): -log of the mean of K importance weights, in nats."""
-    model.eval()
+def importance_weighted_nll(model, images, n_samples, chunk=IW_CHUNK):
+    """Per-image IWAE estimate of -log p(x): -log of the mean of K importance weights, in nats.
+    The images go in batches of about IW_CODES / K, so that their codes fit in memory for any K."""
+    # A copy in the channels-last layout, where the transposed convolutions run faster (README, Speed).
+    model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     generator = torch.Generator(images.device).manual_seed(EVAL_SEED)
     estimates = []
-    for x in tqdm(images.split(batch_size), desc=f"K={n_samples}", leave=False, disable=None):
-        log_weights = log_importance_weights(model, x, n_samples, generator)
+    for x in tqdm(images.split(max(1, IW_CODES // n_samples)), desc=f"K={n_samples}", leave=False, disable=None):
+        log_weights = log_importance_weights(model, x, n_samples, generator, chunk)
         estimates.append(math.log(n_samples) - torch.logsumexp(log_weights, dim=1))
     return torch.cat(estimates)
 
@@ -499,6 +551,112 @@ def generate(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# The latent space (beyond the report): interpolation, a map by digit, the dimensions in use
+
+ACTIVITY_THRESHOLD = 0.01  # Burda et al. (2016): dimension d is active when Var_x(E_q(z|x)[z_d]) > 0.01
+INTERPOLATION_STEPS = 10  # decodings between (and including) the codes of two images
+EXPLORATION_FILES = ("interpolation.png", "latent_map.png", "latent_usage.png", "exploration.json")
+
+
+def interpolation_pairs(labels):
+    """Eight pairs of image indices: the first image of digit d, then the first of digit (d + 3) mod 10,
+    for d = 0..7, so that every digit takes part."""
+    present = set(labels.tolist())
+    if present != set(range(10)):
+        raise UserError(f"the test set lacks the digits {sorted(set(range(10)) - present)}: not MNIST")
+    first = [int((labels == digit).nonzero()[0]) for digit in range(10)]
+    return [(first[digit], first[(digit + 3) % 10]) for digit in range(8)]
+
+
+@torch.no_grad()
+def interpolate(model, mu_start, mu_end, steps=INTERPOLATION_STEPS):
+    """Decodings of z moving linearly from each mu_start to its mu_end, both included: (pairs, steps,
+    1, 28, 28). torch.lerp hits both ends exactly, so the first and last are decode(mu) of the pair."""
+    weights = torch.linspace(0, 1, steps, device=mu_start.device).view(1, steps, 1)
+    z = torch.lerp(mu_start.unsqueeze(1), mu_end.unsqueeze(1), weights)
+    return model.decode(z.flatten(0, 1)).unflatten(0, (len(mu_start), steps))
+
+
+def principal_components(codes, n=2):
+    """The codes projected on their first n principal components (an SVD of the centred codes),
+    and the share of the variance those components explain."""
+    centred = codes - codes.mean(dim=0)
+    _, singular_values, components = torch.linalg.svd(centred, full_matrices=False)
+    variance = singular_values.pow(2)
+    return centred @ components[:n].T, (variance[:n].sum() / variance.sum()).item()
+
+
+def plot_latent_map(projection, labels, explained, path):
+    """Each image's mean code on the first two principal components, coloured by its digit; drawn in
+    a shuffled order, so that no digit hides the others."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    figure, axes = plt.subplots(figsize=(7, 6))
+    points = axes.scatter(projection[order, 0], projection[order, 1], c=labels[order], cmap="tab10", vmin=-0.5,
+                          vmax=9.5, s=3, alpha=0.6, linewidths=0)
+    axes.legend(*points.legend_elements(), title="digit", loc="best", fontsize=8, markerscale=1.5)
+    axes.set(xlabel="first principal component", ylabel="second principal component",
+             title=f"Mean codes of {len(labels):,} test images: the first two principal\n"
+                   f"components, {explained:.0%} of their variance")
+    save_figure(figure, path)
+
+
+def plot_latent_usage(activity, path):
+    """Burda et al.'s activity of each latent dimension, sorted, against the 0.01 threshold."""
+    activity = activity.sort(descending=True).values
+    active = activity > ACTIVITY_THRESHOLD
+    figure, axes = plt.subplots(figsize=(7, 4))
+    ranks = torch.arange(1, len(activity) + 1)
+    axes.scatter(ranks[active], activity[active], color="C0", s=14, label="active")
+    axes.scatter(ranks[~active], activity[~active], color="C7", s=14, label="inactive")
+    axes.axhline(ACTIVITY_THRESHOLD, color="C3", linestyle="--", linewidth=1,
+                 label=f"threshold {ACTIVITY_THRESHOLD} (Burda et al., 2016)")
+    axes.set(yscale="log", xlabel="latent dimension, from most to least active", ylabel="activity Var_x(mu_d)",
+             title=f"{int(active.sum())} of {len(activity)} latent dimensions active")
+    axes.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+@torch.no_grad()
+def explore(model, images, labels, out, checkpoint):
+    """Write EXPLORATION_FILES into `out` for a split (the test set) and return what exploration.json holds."""
+    mus, logvars = encode_split(model, images)
+    pairs = interpolation_pairs(labels)
+    starts, ends = (list(indices) for indices in zip(*pairs))
+    rows = torch.cat([images[starts].view(-1, 1, 1, 28, 28), interpolate(model, mus[starts], mus[ends]),
+                      images[ends].view(-1, 1, 1, 28, 28)], dim=1)
+    save_grid(rows.flatten(0, 1).cpu(), out / "interpolation.png", nrow=INTERPOLATION_STEPS + 2)
+
+    mus, logvars = mus.cpu(), logvars.cpu()
+    projection, explained = principal_components(mus)
+    plot_latent_map(projection, labels.cpu(), explained, out / "latent_map.png")
+    activity = mus.var(dim=0)
+    plot_latent_usage(activity, out / "latent_usage.png")
+    kl_per_dim = (-0.5 * (1 + logvars - mus.pow(2) - logvars.exp())).double().mean(dim=0)  # as in vae_loss
+    exploration = {"checkpoint": str(checkpoint), "images": len(images), "latent_dim": mus.shape[1],
+                   "active_units": int((activity > ACTIVITY_THRESHOLD).sum()), "activity_threshold": ACTIVITY_THRESHOLD,
+                   "activity": activity.tolist(), "kl_per_dim": kl_per_dim.tolist(), "kl": kl_per_dim.sum().item(),
+                   "principal_components_variance": explained, "interpolation_pairs": pairs}
+    write_json(exploration, out / "exploration.json")
+    return exploration
+
+
+def active_units_line(exploration):
+    return (f"{exploration['active_units']} of {exploration['latent_dim']} latent dimensions active "
+            f"(variance of their mean code over the test set above {ACTIVITY_THRESHOLD})")
+
+
+def explore_command(args):
+    device = resolve_device(args.device)
+    model, _ = load_model(args.checkpoint, device)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    check_out_dir(out)
+    images, labels = load_mnist(args.data_dir, train=False, labels=True)
+    exploration = explore(model, images.to(device), labels, out, args.checkpoint)
+    print(f"{active_units_line(exploration)}; KL {exploration['kl']:.2f} nats per image")
+    print(f"written to {out}: {', '.join(EXPLORATION_FILES)}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -511,9 +669,8 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def check_out_dir(folder, new_run=False):
-    """Fail before any work, not after 50 epochs: the folder must be writable and, for a new
-    run, must not hold an earlier run that would be overwritten."""
+def check_out_dir(folder):
+    """Fail before any work, not after 50 epochs: the folder must be writable."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is a file, not a folder")
     try:
@@ -521,8 +678,28 @@ def check_out_dir(folder, new_run=False):
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
         raise UserError(f"cannot write to {folder}: {error.strerror}") from None
-    if new_run and any((folder / name).exists() for name in ("best_model.pt", "last.pt")):
-        raise UserError(f"{folder} already holds a run; continue it with --resume, or choose another --out")
+
+
+@contextlib.contextmanager
+def claim_run_folder(folder, resume):
+    """Hold `folder` for one `train` at a time: a second one, started while this one runs, is refused at
+    once, and a new run never overwrites a finished or interrupted one. The lock is flock's on the folder
+    itself: the operating system drops it when the process ends, even by SIGKILL, and no file stays."""
+    check_out_dir(folder)
+    lock = os.open(folder, os.O_RDONLY) if fcntl else None
+    try:
+        if fcntl:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"{folder} is in use by another train that is still running; wait for it to end, "
+                                f"or choose another --out") from None
+        if not resume and any((folder / name).exists() for name in ("best_model.pt", "last.pt")):
+            raise UserError(f"{folder} already holds a run; continue it with --resume, or choose another --out")
+        yield
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def number(kind, is_valid, requirement):
@@ -594,11 +771,15 @@ def parse_args(argv=None):
                        help="K > 1 adds the importance-weighted estimate of -log p(x) with K samples per image")
     score.add_argument("--json", help="JSON to write (default: evaluation.json beside the checkpoint)")
 
-    for command in (sample, score):
+    look = commands.add_parser("explore", formatter_class=HelpWithDefaults,
+                               help="the latent space on the test set: interpolation, map by digit, active units")
+    look.add_argument("--out", help="folder for its four files (default: the checkpoint's folder)")
+
+    for command in (sample, score, look):
         command.add_argument("--checkpoint", default="runs/lstm_vae/best_model.pt", help="model to load")
-    for command in (run, score):
+    for command in (run, score, look):
         command.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (downloaded if absent)")
-    for command in (run, sample, score):
+    for command in (run, sample, score, look):
         command.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                              help="auto takes CUDA or MPS when there is one")
     return parser.parse_args(argv)
@@ -607,28 +788,35 @@ def parse_args(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    commands = {"train": train, "generate": generate, "evaluate": evaluate_command, "explore": explore_command}
     try:
-        {"train": train, "generate": generate, "evaluate": evaluate_command}[args.command](args)
+        commands[args.command](args)
+    except WriteError as error:
+        print(f"error: {error}; {left_behind(args, argv, 'once that is fixed, resume with')}", file=sys.stderr)
+        return 1
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted; {interrupted_message(args, argv)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM raised as Terminated
+        terminated = isinstance(stop, Terminated)
+        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; {left_behind(args, argv)}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     return 0
 
 
-def interrupted_message(args, argv):
-    """What an interrupted command leaves behind, and how to go on."""
+def left_behind(args, argv, go_on="resume with"):
+    """What a stopped command leaves on disk, and how to go on."""
     if args.command != "train":
-        return "nothing was written"
+        return "no file is half-written" if args.command == "explore" else "nothing was written"
     last = Path(args.out) / "last.pt"
     if not last.is_file():
         return "no epoch had finished, so nothing was saved"
     epoch = read_checkpoint(last)["epoch"]
     resume = " ".join(["python vae_lstm.py", *argv, *([] if args.resume else ["--resume"])])
-    return f"{last} holds epoch {epoch} and {last.parent / 'best_model.pt'} the best so far; resume with: {resume}"
+    return (f"{last} holds epoch {epoch} and {last.parent / 'best_model.pt'} the best so far, both intact; "
+            f"{go_on}: {resume}")
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, raise_terminated)
     sys.exit(main())
