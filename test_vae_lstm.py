@@ -503,6 +503,29 @@ def test_a_full_disk_is_one_line_and_resume_goes_on_once_there_is_room(reference
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name == "evaluation.json"]
 
 
+def test_a_disk_full_before_the_first_epoch_is_saved_says_how_to_start_again(tiny_mnist, tmp_path, monkeypatch,
+                                                                             capsys):
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):  # best_model.pt fits, last.pt does not
+        if Path(path).name.startswith(".last.pt."):
+            return FullDisk(path, "w")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(vae_lstm, "open", open_on_a_full_disk, raising=False)
+    assert main(train_args(tiny_mnist, tmp_path)) == 1
+    best = tmp_path / "best_model.pt"
+    one_error_line(capsys.readouterr(), f"cannot write {tmp_path / 'last.pt'}: No space left on device",
+                   "nothing to resume", f"start again once {best}, left from that epoch, is removed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt"]
+
+    monkeypatch.undo()
+    for extra, words in (([], [f"{tmp_path} holds a best_model.pt but no last.pt", "move it away"]),
+                         (["--resume"], [f"no checkpoint at {tmp_path / 'last.pt'}", "without --resume"])):
+        assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(tmp_path), *extra]) == 2
+        one_error_line(capsys.readouterr(), *words)  # told before any data is read
+    best.unlink()
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "1")) == 0
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_every_file_gets_the_mode_open_gives_under_the_umask(umask, reference_run, tiny_mnist, tmp_path):
     previous = os.umask(umask)

@@ -683,8 +683,9 @@ def check_out_dir(folder):
 @contextlib.contextmanager
 def claim_run_folder(folder, resume):
     """Hold `folder` for one `train` at a time: a second one, started while this one runs, is refused at
-    once, and a new run never overwrites a finished or interrupted one. The lock is flock's on the folder
-    itself: the operating system drops it when the process ends, even by SIGKILL, and no file stays."""
+    once; a new run never overwrites a finished or interrupted one, nor a best_model.pt from elsewhere;
+    --resume needs a last.pt. The lock is flock's on the folder itself: the operating system drops it
+    when the process ends, even by SIGKILL, and no file stays."""
     check_out_dir(folder)
     lock = os.open(folder, os.O_RDONLY) if fcntl else None
     try:
@@ -694,8 +695,16 @@ def claim_run_folder(folder, resume):
             except BlockingIOError:
                 raise UserError(f"{folder} is in use by another train that is still running; wait for it to end, "
                                 f"or choose another --out") from None
-        if not resume and any((folder / name).exists() for name in ("best_model.pt", "last.pt")):
+        last, best = folder / "last.pt", folder / "best_model.pt"
+        if resume and not last.is_file():
+            raise UserError(f"--resume: no checkpoint at {last}, so no run to continue in {folder}; "
+                            f"start one without --resume")
+        if not resume and last.exists():
             raise UserError(f"{folder} already holds a run; continue it with --resume, or choose another --out")
+        if not resume and best.exists():
+            raise UserError(f"{folder} holds a best_model.pt but no last.pt to resume from (a run stopped before its "
+                            f"first epoch was saved whole, or another program's model); move it away, or choose "
+                            f"another --out")
         yield
     finally:
         if lock is not None:
@@ -809,8 +818,10 @@ def left_behind(args, argv, go_on="resume with"):
     if args.command != "train":
         return "no file is half-written" if args.command == "explore" else "nothing was written"
     last = Path(args.out) / "last.pt"
-    if not last.is_file():
-        return "no epoch had finished, so nothing was saved"
+    if not last.is_file():  # without --resume, a best_model.pt here is this run's (claim_run_folder)
+        best = last.parent / "best_model.pt"
+        leftover = f" once {best}, left from that epoch, is removed" if best.is_file() and not args.resume else ""
+        return f"no epoch was saved whole, so there is nothing to resume; start again{leftover}"
     epoch = read_checkpoint(last)["epoch"]
     resume = " ".join(["python vae_lstm.py", *argv, *([] if args.resume else ["--resume"])])
     return (f"{last} holds epoch {epoch} and {last.parent / 'best_model.pt'} the best so far, both intact; "
