@@ -194,11 +194,17 @@ class VAE(nn.Module):
 # Loss (report, section 1.4; the report's KL formula has a typo, its code's is this one)
 
 
+def kl_per_dimension(mu, logvar):
+    """KL(q(z|x) || N(0, I)) in closed form, for each image and latent dimension: -1/2 (1 + log sigma^2
+    - mu^2 - sigma^2), the same shape as mu."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
 def vae_loss(recon, x, mu, logvar, kl_weight=1.0):
     """(total, bce, kl), each summed over the batch: BCE over pixels, plus the closed-form
     KL(q(z|x) || N(0, I)). kl_weight is the report code's (1 + gamma) hook."""
     bce = F.binary_cross_entropy(recon, x.reshape(recon.shape), reduction="sum")
-    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    kl = kl_per_dimension(mu, logvar).sum()
     return bce + kl_weight * kl, bce, kl
 
 
@@ -631,7 +637,7 @@ def explore(model, images, labels, out, checkpoint):
     plot_latent_map(projection, labels.cpu(), explained, out / "latent_map.png")
     activity = mus.var(dim=0)
     plot_latent_usage(activity, out / "latent_usage.png")
-    kl_per_dim = (-0.5 * (1 + logvars - mus.pow(2) - logvars.exp())).double().mean(dim=0)  # as in vae_loss
+    kl_per_dim = kl_per_dimension(mus, logvars).double().mean(dim=0)
     exploration = {"checkpoint": str(checkpoint), "images": len(images), "latent_dim": mus.shape[1],
                    "active_units": int((activity > ACTIVITY_THRESHOLD).sum()), "activity_threshold": ACTIVITY_THRESHOLD,
                    "activity": activity.tolist(), "kl_per_dim": kl_per_dim.tolist(), "kl": kl_per_dim.sum().item(),
