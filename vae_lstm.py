@@ -4,7 +4,7 @@ with the bugs of its code fixed (see README.md).
 
     python vae_lstm.py train                 # the report's experiment
     python vae_lstm.py generate --n 100      # digits from the best model
-    python vae_lstm.py evaluate              # test-set losses (and -log p(x))
+    python vae_lstm.py evaluate              # test-set losses (and an importance-weighted bound)
     python vae_lstm.py explore               # what the latent space learned
 
 The file follows the report: data and split, model, loss, training with
@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import signal
 import sys
 import tempfile
@@ -43,10 +44,26 @@ try:
 except ImportError:  # Windows has no flock: there two runs into one folder are not prevented (README)
     fcntl = None
 
-LATENT_DIM = 64  # size of z (report, section 1.2)
+# The report's architecture (section 1 and Figure 1); train's flags build the variants of its claims.
+MODEL_DEFAULTS = {
+    "latent_dim": 64,  # size of z (section 1.2; its code's encoder_fc_out_size)
+    "hidden_size": 64,  # LSTM units per direction ("64 is selected as hidden size", section 1.1; its code's zdim)
+    "bidirectional": True,  # the rows read from top and from bottom (section 1.1; its code's bidirect)
+    "encoder_fc": True,  # linear layers from the LSTM's final states to mu and log sigma^2 (section 1.1)
+    "decoder_fc": True,  # Linear(latent_dim, 64) + ReLU before the transposed convolutions (section 1.3)
+}
+CONFIG_DEFAULTS = {**MODEL_DEFAULTS, "binarize": False}  # what a checkpoint without these keys was trained with
+BINARIZE_SEED = 0  # a binarized model's validation and test images are drawn once, from this seed
 EVAL_BATCH_SIZE = 1000  # evaluation holds no gradients, so it can take big batches
 EVAL_SEED = 0  # evaluation draws its z from this seed: one checkpoint, one set of numbers
-IW_CODES = 100_000  # -log p(x) draws K codes per image for this many codes at a time (26 MB), then
+IW_MEANING = {  # what evaluate's importance-weighted figure is, written beside it in evaluation.json
+    "iw_nll": "-log p(x) of the binarized images in nats, the figure VAE papers report: the importance-weighted "
+              "estimate of Burda et al. (2016), an upper bound that tightens as K grows",
+    "iw_bound": "an importance-weighted bound of the report's objective on grey-level pixels, not a log-likelihood: "
+                "the Bernoulli likelihood behind the BCE is a distribution over binary images only (Loaiza-Ganem "
+                "& Cunningham, 2019); train --binarize for a -log p(x) comparable with published figures",
+}
+IW_CODES = 100_000  # the importance-weighted estimate draws K codes per image for this many codes at a time (26 MB), then
 IW_CHUNK = 500  # decodes them this many at a time: on 10,000 the decoder runs slower per code (README, Speed)
 REPORT_RESULTS = {  # the report's table (section 3), per image, for the closing summary
     "train": {"bce": 76.97, "kl": 19.74, "total": 96.71},
@@ -138,6 +155,17 @@ def split_indices(n=60000, val_fraction=0.1, seed=3136):
     return indices[n_val:], indices[:n_val]
 
 
+def binarize_once(images):
+    """Binary pixels drawn once as Bernoulli(grey value) from a fixed seed: how a binarized model's
+    validation and test images are measured, so that one checkpoint always gives the same numbers."""
+    return torch.bernoulli(images, generator=torch.Generator(images.device).manual_seed(BINARIZE_SEED))
+
+
+def as_measured(images, config):
+    """A split as a model of this config is measured on: grey levels, or binarized once."""
+    return binarize_once(images) if config["binarize"] else images
+
+
 def load_train_val(data_dir, val_fraction, split_seed):
     """The training and validation images, both cut from MNIST's training set."""
     images = load_mnist(data_dir, train=True)
@@ -152,16 +180,25 @@ def load_train_val(data_dir, val_fraction, split_seed):
 
 
 class VAE(nn.Module):
-    def __init__(self, latent_dim=LATENT_DIM):
+    """The report's model; the arguments (MODEL_DEFAULTS) build the variants its code could build
+    (bidirect, zdim, encoder_fc_out_size) and its first encoder and decoder, under the same names."""
+
+    def __init__(self, latent_dim=64, hidden_size=64, bidirectional=True, encoder_fc=True, decoder_fc=True):
         super().__init__()
+        if not encoder_fc and not (bidirectional and latent_dim == hidden_size):
+            raise ValueError("without encoder_fc, mu and log sigma^2 are the final states of the two directions: "
+                             "it needs bidirectional=True and latent_dim == hidden_size")
+        self.latent_dim, self.encoder_fc = latent_dim, encoder_fc
         # Encoder: the 28 image rows are the LSTM's sequence of 28-pixel steps.
-        self.encoder_lstm = nn.LSTM(28, 64, batch_first=True, bidirectional=True)
-        self.encoder_mu = nn.Linear(128, latent_dim)
-        self.encoder_logvar = nn.Linear(128, latent_dim)
-        # Decoder: z -> 64x1x1 -> 4x4 -> 7x7 -> 14x14 -> 28x28.
-        self.decoder_fc = nn.Linear(latent_dim, 64)
+        self.encoder_lstm = nn.LSTM(28, hidden_size, batch_first=True, bidirectional=bidirectional)
+        if encoder_fc:
+            final_states = hidden_size * (2 if bidirectional else 1)
+            self.encoder_mu = nn.Linear(final_states, latent_dim)
+            self.encoder_logvar = nn.Linear(final_states, latent_dim)
+        # Decoder: z -> 64x1x1 (or latent_dim x 1 x 1 without decoder_fc) -> 4x4 -> 7x7 -> 14x14 -> 28x28.
+        self.decoder_fc = nn.Linear(latent_dim, 64) if decoder_fc else None
         self.decoder_list = nn.ModuleList([
-            nn.ConvTranspose2d(64, 64, kernel_size=4, stride=1),
+            nn.ConvTranspose2d(64 if decoder_fc else latent_dim, 64, kernel_size=4, stride=1),
             nn.ConvTranspose2d(64, 32, kernel_size=4, stride=1),
             nn.ConvTranspose2d(32, 16, kernel_size=4, stride=2, padding=1),
             nn.ConvTranspose2d(16, 1, kernel_size=4, stride=2, padding=1),
@@ -170,7 +207,9 @@ class VAE(nn.Module):
     def encode(self, x):
         """(B, 28, 28) or (B, 1, 28, 28) images -> mu, logvar of q(z|x), each (B, latent_dim)."""
         _, (hidden, _) = self.encoder_lstm(x.reshape(-1, 28, 28))
-        final_states = torch.cat([hidden[0], hidden[1]], dim=1)  # forward and backward directions
+        if not self.encoder_fc:  # the report's first encoder: the forward direction is mu, the backward one logvar
+            return hidden[0], hidden[1]
+        final_states = torch.cat(tuple(hidden), dim=1)  # the final state of each direction, side by side
         return self.encoder_mu(final_states), self.encoder_logvar(final_states)
 
     def reparametrize(self, mu, logvar, generator=None):
@@ -180,7 +219,7 @@ class VAE(nn.Module):
 
     def decode(self, z):
         """(B, latent_dim) -> (B, 1, 28, 28) pixel probabilities."""
-        h = F.relu(self.decoder_fc(z)).view(-1, 64, 1, 1)
+        h = (F.relu(self.decoder_fc(z)) if self.decoder_fc is not None else z).unflatten(1, (-1, 1, 1))
         for layer in self.decoder_list[:-1]:
             h = F.relu(layer(h))
         return torch.sigmoid(self.decoder_list[-1](h))
@@ -188,6 +227,11 @@ class VAE(nn.Module):
     def forward(self, x, generator=None):
         mu, logvar = self.encode(x)
         return self.decode(self.reparametrize(mu, logvar, generator)), mu, logvar
+
+
+def build_model(config):
+    """The model of a run's config (a checkpoint's, or train's flags)."""
+    return VAE(**{name: config[name] for name in MODEL_DEFAULTS})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,13 +287,14 @@ def diverged(epoch, batch, n_batches, symptom):
                      f"the saved checkpoints are as they were (a smaller --lr may help)")
 
 
-def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch):
-    """One pass over the training images in a fresh random order; per-image losses."""
+def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch, binarize=False):
+    """One pass over the training images in a fresh random order; per-image losses. With binarize, each
+    image's pixels are drawn afresh as Bernoulli(grey value) every time it is used (Burda et al., 2016)."""
     model.train()
     batches = torch.randperm(len(images)).to(images.device).split(batch_size)
     sums = torch.zeros(3, dtype=torch.float64, device=images.device)
     for batch, index in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None), start=1):
-        x = images[index]
+        x = torch.bernoulli(images[index]) if binarize else images[index]
         recon, mu, logvar = model(x)
         if not torch.isfinite(recon).all():  # the last step made a weight NaN or inf (BCE would refuse these)
             raise diverged(epoch, batch, len(batches), "the reconstructions hold NaN or inf")
@@ -287,8 +332,19 @@ def evaluate(model, images, kl_weight=1.0):
 
 def checkpoint_config(args):
     """Everything that shapes a run's results; stored in every checkpoint."""
-    names = ("epochs", "patience", "batch_size", "lr", "val_fraction", "split_seed", "seed", "kl_weight")
-    return {"latent_dim": LATENT_DIM, **{name: getattr(args, name) for name in names}}
+    names = ("latent_dim", "hidden_size", "binarize", "epochs", "patience", "batch_size", "lr", "val_fraction",
+             "split_seed", "seed", "kl_weight")
+    return {"bidirectional": not args.unidirectional, "encoder_fc": not args.no_encoder_fc,
+            "decoder_fc": not args.no_decoder_fc, **{name: getattr(args, name) for name in names}}
+
+
+def machine():
+    """Where the numbers come from: the same seed gives other numbers on another CPU or torch build."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return {"cpu": names[0] if names else platform.processor() or platform.machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
 
 
 def save_checkpoint(checkpoint, path):
@@ -317,8 +373,8 @@ def load_model(path, device):
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}")
-    config = checkpoint.get("config", {"latent_dim": LATENT_DIM})
-    model = VAE(config["latent_dim"])
+    config = {**CONFIG_DEFAULTS, **checkpoint.get("config", {})}  # a bare state_dict is the report's model
+    model = build_model(config)
     try:
         model.load_state_dict(checkpoint.get("model", checkpoint))
     except (RuntimeError, TypeError) as error:
@@ -350,8 +406,9 @@ def start_or_resume(args, model, optimizer, out):
     state = read_checkpoint(out / "last.pt")
     if not isinstance(state, dict) or "config" not in state:
         raise UserError(f"{out / 'last.pt'} is not a run's last.pt")
-    changed = [f"{name} {state['config'].get(name)} there, {value} here"
-               for name, value in checkpoint_config(args).items() if state["config"].get(name) != value]
+    there = {**CONFIG_DEFAULTS, **state["config"]}
+    changed = [f"{name} {there.get(name)} there, {value} here"
+               for name, value in checkpoint_config(args).items() if there.get(name) != value]
     if changed:
         raise UserError(f"--resume: {out} was trained with other settings ({'; '.join(changed)})")
     model.load_state_dict(state["model"])
@@ -372,7 +429,7 @@ def fit(args, model, train_images, val_images, out):
         if stopper.should_stop:
             break
         start = time.perf_counter()
-        train = train_epoch(model, optimizer, train_images, args.batch_size, args.kl_weight, epoch)
+        train = train_epoch(model, optimizer, train_images, args.batch_size, args.kl_weight, epoch, args.binarize)
         train_seconds = time.perf_counter() - start
         val = evaluate(model, val_images, args.kl_weight)
         improved = stopper.step(val["total"])
@@ -448,30 +505,34 @@ def train(args):
     with claim_run_folder(out, args.resume):
         device = resolve_device(args.device)
         torch.manual_seed(args.seed)
-        train_images, val_images = (images.to(device) for images in
-                                    load_train_val(args.data_dir, args.val_fraction, args.split_seed))
+        config = checkpoint_config(args)
+        train_images, val_images = load_train_val(args.data_dir, args.val_fraction, args.split_seed)
         test_images, test_labels = load_mnist(args.data_dir, train=False, labels=True)
-        test_images = test_images.to(device)
-        print(f"{len(train_images)} training, {len(val_images)} validation, {len(test_images)} test images; "
-              f"device {device}; writing to {out}", flush=True)
+        # The losses are measured on `measured`; with --binarize, training draws its binary pixels afresh.
+        measured = {split: as_measured(images, config).to(device)
+                    for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
+        train_images = train_images.to(device) if args.binarize else measured["train"]
+        print(f"{len(train_images)} training, {len(measured['val'])} validation, {len(measured['test'])} test images"
+              f"{' (binarized)' if args.binarize else ''}; device {device}; writing to {out}", flush=True)
 
-        history, stop_reason = fit(args, VAE().to(device), train_images, val_images, out)
+        history, stop_reason = fit(args, build_model(config).to(device), train_images, measured["val"], out)
 
         start = time.perf_counter()
         model, _ = load_model(out / "best_model.pt", device)  # the best model, not the last (a report bug)
         best = min(history, key=lambda row: row["val_total"])["epoch"]  # the first best, as early stopping saw it
-        results = {split: evaluate(model, images, args.kl_weight)
-                   for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
+        results = {split: evaluate(model, images, args.kl_weight) for split, images in measured.items()}
         train_seconds = sum(row["train_seconds"] for row in history)
         results.update(best_epoch=best, epochs_run=len(history), stop_reason=stop_reason,
                        seconds=sum(row["seconds"] for row in history) + time.perf_counter() - start,
-                       train_images_per_second=len(train_images) * len(history) / train_seconds)
+                       seconds_per_epoch=sum(row["seconds"] for row in history) / len(history),
+                       train_images_per_second=len(train_images) * len(history) / train_seconds,
+                       parameters=sum(parameter.numel() for parameter in model.parameters()), machine=machine())
         write_json(results, out / "results.json")
         plot_losses(history, best, out / "loss_plot.png")
-        save_reconstructions(model, train_images, out / "train_reconstruction.png")
-        save_reconstructions(model, test_images, out / "test_reconstruction.png")
+        save_reconstructions(model, measured["train"], out / "train_reconstruction.png")
+        save_reconstructions(model, measured["test"], out / "test_reconstruction.png")
         save_samples(model, 100, 10, args.seed, out / "generated.png")
-        exploration = explore(model, test_images, test_labels, out, out / "best_model.pt")
+        exploration = explore(model, measured["test"], test_labels, out, out / "best_model.pt")
     print(f"\n{stop_reason}; best epoch {best} of {len(history)}; {results['seconds']:.0f}s, "
           f"{results['train_images_per_second']:.0f} training images/s")
     print(f"per-image losses of the best model (nats):\n{summary_table(results)}")
@@ -490,15 +551,20 @@ def evaluate_command(args):
     else:
         splits = load_train_val(args.data_dir, config.get("val_fraction", 0.1), config.get("split_seed", 3136))
         images = splits[args.split == "val"]
-    images = images.to(device)
+    images = as_measured(images, config).to(device)
     evaluation = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(images),
-                  **evaluate(model, images, config.get("kl_weight", 1.0))}
-    line = (f"{args.split}: {len(images)} images, per image: BCE {evaluation['bce']:.2f}, KL {evaluation['kl']:.2f}, "
-            f"total {evaluation['total']:.2f}")
+                  "binarize": config["binarize"], **evaluate(model, images, config.get("kl_weight", 1.0))}
+    line = (f"{args.split}: {len(images)}{' binarized' if config['binarize'] else ''} images, per image: "
+            f"BCE {evaluation['bce']:.2f}, KL {evaluation['kl']:.2f}, total {evaluation['total']:.2f}")
     if args.iw_samples > 1:
-        evaluation["iw_samples"] = args.iw_samples
-        evaluation["iw_nll"] = importance_weighted_nll(model, images, args.iw_samples).mean().item()
-        line += f"; -log p(x) ~ {evaluation['iw_nll']:.2f} (importance-weighted, K={args.iw_samples})"
+        start = time.perf_counter()
+        estimate = importance_weighted_nll(model, images, args.iw_samples).mean().item()
+        key = "iw_nll" if config["binarize"] else "iw_bound"
+        evaluation.update({"iw_samples": args.iw_samples, key: estimate, "iw_meaning": IW_MEANING[key],
+                           "iw_seconds": time.perf_counter() - start, "machine": machine()})
+        line += (f"; -log p(x) ~ {estimate:.2f} nats (importance-weighted, K={args.iw_samples})" if config["binarize"]
+                 else f"; importance-weighted bound of the report's objective {estimate:.2f} (K={args.iw_samples}; "
+                      f"not -log p(x): grey-level pixels, see README)")
     write_json(evaluation, json_path)
     print(f"{line}\nwritten to {json_path}")
 
@@ -522,7 +588,8 @@ def log_importance_weights(model, x, n_samples, generator=None, chunk=IW_CHUNK):
 
 @torch.no_grad()
 def importance_weighted_nll(model, images, n_samples, chunk=IW_CHUNK):
-    """Per-image IWAE estimate of -log p(x): -log of the mean of K importance weights, in nats.
+    """Per-image IWAE estimate of -log p(x) under the model's Bernoulli pixels: -log of the mean of K importance
+    weights, in nats (a log-likelihood of the images only where they are binary: IW_MEANING).
     The images go in batches of about IW_CODES / K, so that their codes fit in memory for any K."""
     # A copy in the channels-last layout, where the transposed convolutions run faster (README, Speed).
     model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
@@ -543,7 +610,7 @@ def save_samples(model, n, nrow, seed, path):
     """Decode n draws of z ~ N(0, I) into one grid image."""
     model.eval()
     device = next(model.parameters()).device
-    z = torch.randn((n, model.decoder_fc.in_features), generator=torch.Generator(device).manual_seed(seed),
+    z = torch.randn((n, model.latent_dim), generator=torch.Generator(device).manual_seed(seed),
                     device=device)
     save_grid(model.decode(z).cpu(), path, nrow)
 
@@ -653,11 +720,11 @@ def active_units_line(exploration):
 
 def explore_command(args):
     device = resolve_device(args.device)
-    model, _ = load_model(args.checkpoint, device)
+    model, config = load_model(args.checkpoint, device)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     check_out_dir(out)
     images, labels = load_mnist(args.data_dir, train=False, labels=True)
-    exploration = explore(model, images.to(device), labels, out, args.checkpoint)
+    exploration = explore(model, as_measured(images, config).to(device), labels, out, args.checkpoint)
     print(f"{active_units_line(exploration)}; KL {exploration['kl']:.2f} nats per image")
     print(f"written to {out}: {', '.join(EXPLORATION_FILES)}")
 
@@ -769,6 +836,21 @@ def parse_args(argv=None):
     run.add_argument("--seed", type=SEED, default=0, help="torch seed: initial weights, batch order, noise")
     run.add_argument("--kl-weight", type=NON_NEGATIVE, default=1.0,
                      help="weight of the KL term (the report's 1 + gamma)")
+    run.add_argument("--binarize", action="store_true",
+                     help="binary pixels, as in the VAE papers: drawn afresh as Bernoulli(grey value) each time a "
+                          "training image is used, once from a fixed seed for validation and test")
+    design = run.add_argument_group("the report's design choices (section 1), to test them")
+    design.add_argument("--unidirectional", action="store_true", help="a forward-only LSTM (its code's bidirect=False)")
+    design.add_argument("--hidden-size", type=POSITIVE_INT, default=MODEL_DEFAULTS["hidden_size"],
+                        help="the LSTM's units per direction (its code's zdim)")
+    design.add_argument("--latent-dim", type=POSITIVE_INT,
+                        help=f"size of z (its code's encoder_fc_out_size; default {MODEL_DEFAULTS['latent_dim']}, "
+                             f"or the hidden size with --no-encoder-fc)")
+    design.add_argument("--no-encoder-fc", action="store_true",
+                        help="the report's first encoder: mu and log sigma^2 are the final states of the forward and "
+                             "the backward direction, with no linear layers")
+    design.add_argument("--no-decoder-fc", action="store_true",
+                        help="the report's first decoder: z enters the first transposed convolution directly")
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     run.add_argument("--out", default="runs/lstm_vae", help="folder for the checkpoints, logs and figures")
 
@@ -780,10 +862,12 @@ def parse_args(argv=None):
     sample.add_argument("--out", help="PNG to write (default: generated.png beside the checkpoint)")
 
     score = commands.add_parser("evaluate", formatter_class=HelpWithDefaults,
-                                help="per-image losses of a split, and -log p(x)")
+                                help="per-image losses of a split, and an importance-weighted bound")
     score.add_argument("--split", choices=["train", "val", "test"], default="test", help="which images")
     score.add_argument("--iw-samples", type=NATURAL, default=0,
-                       help="K > 1 adds the importance-weighted estimate of -log p(x) with K samples per image")
+                       help="K > 1 adds the importance-weighted estimate with K samples per image: -log p(x) "
+                            "for a --binarize model; for a grey-level one a bound of the report's objective, "
+                            "not a log-likelihood (README)")
     score.add_argument("--json", help="JSON to write (default: evaluation.json beside the checkpoint)")
 
     look = commands.add_parser("explore", formatter_class=HelpWithDefaults,
@@ -797,7 +881,22 @@ def parse_args(argv=None):
     for command in (run, sample, score, look):
         command.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                              help="auto takes CUDA or MPS when there is one")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        check_design(run, args)
+    return args
+
+
+def check_design(parser, args):
+    """Fill in --latent-dim and refuse the combinations the model cannot be built with (a usage error)."""
+    if args.latent_dim is None:
+        args.latent_dim = args.hidden_size if args.no_encoder_fc else MODEL_DEFAULTS["latent_dim"]
+    if args.no_encoder_fc and args.unidirectional:
+        parser.error("--no-encoder-fc takes mu and log sigma^2 from the two directions: it needs the bidirectional "
+                     "LSTM, not --unidirectional")
+    if args.no_encoder_fc and args.latent_dim != args.hidden_size:
+        parser.error(f"--no-encoder-fc makes z the LSTM's final state, so --latent-dim must equal --hidden-size "
+                     f"({args.latent_dim} and {args.hidden_size} given)")
 
 
 def main(argv=None):
