@@ -50,8 +50,9 @@ def write_idx(path, array):
                      + array.astype(np.uint8).tobytes())
 
 
-def write_tiny_mnist(root):
-    """Tiny MNIST in torchvision's layout, root/MNIST/raw: strokes of random length and slope."""
+def write_tiny_mnist(root, grey=False):
+    """Tiny MNIST in torchvision's layout, root/MNIST/raw: strokes of random length and slope, white, or
+    with grey=True of random grey levels, as the edges of MNIST's strokes are."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -63,6 +64,8 @@ def write_tiny_mnist(root):
             for row in range(top, bottom + 1):
                 x = int(column + slope * (row - top))
                 image[row, x - 1:x + 2] = 255
+        if grey:
+            images = (images * rng.uniform(0.2, 1.0, images.shape)).astype(np.uint8)
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
     return root
@@ -296,7 +299,7 @@ def test_generate_and_evaluate_commands(reference_run, tiny_mnist, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# The importance-weighted estimate of -log p(x)
+# The importance-weighted estimate (of -log p(x) where the pixels are binary)
 
 
 def test_importance_weighted_estimate_with_one_sample_is_the_negative_elbo_of_that_z():
@@ -336,6 +339,205 @@ def test_fast_importance_weighted_estimate_equals_the_straightforward_computatio
     expected = math.log(n_samples) - torch.logsumexp(log_weights, dim=1)
     torch.testing.assert_close(fast, expected.detach(), rtol=1e-5, atol=1e-3)
     assert model.decoder_list[1].weight.is_contiguous()  # the caller's model keeps its layout
+
+
+def test_the_fast_decoder_equals_decode_for_every_decoder(monkeypatch):
+    for model in (VAE(), VAE(latent_dim=16, decoder_fc=False), VAE(hidden_size=32, latent_dim=32, encoder_fc=False)):
+        z = torch.randn(300, model.latent_dim)
+        with torch.no_grad():
+            torch.testing.assert_close(vae_lstm.fast_decoder(model.eval())(z), model.decode(z), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Binarized MNIST (Burda et al., 2016): dynamic binarization for training, a fixed one for measuring
+
+# The nine losses of the tiny reference run by the code before --binarize and the design flags existed, on an
+# AMD EPYC with torch 2.14.1. Another CPU or torch build rounds differently (about 1e-6 here); one more random
+# draw per epoch moves them by 0.5 to 3 %.
+LOSSES_BEFORE_THE_FLAGS = {
+    "train bce": 265.4654730902778, "train kl": 0.9484239366319445, "train total": 266.4138888888889,
+    "val bce": 229.3482421875, "val kl": 0.9450061798095704, "val total": 230.2932373046875,
+    "test bce": 272.4857421875, "test kl": 0.9482423400878907, "test total": 273.433984375,
+}
+
+
+def test_without_the_new_flags_a_run_gives_the_numbers_of_the_code_before_them(reference_run):
+    checkpoint = torch.load(reference_run[0] / "best_model.pt", weights_only=True)
+    assert checkpoint["config"]["binarize"] is False and checkpoint["config"]["hidden_size"] == 64
+    assert losses(read_results(reference_run[0])) == pytest.approx(LOSSES_BEFORE_THE_FLAGS, rel=1e-4)
+
+
+class RecordingVAE(VAE):
+    """A VAE that keeps a copy of every batch it is trained on."""
+
+    def forward(self, x, generator=None):
+        self.seen.append(x.clone())
+        return super().forward(x, generator)
+
+
+def test_training_draws_binary_pixels_afresh_each_epoch_with_the_grey_value_as_mean():
+    torch.manual_seed(0)
+    grey = torch.linspace(0, 1, 784).view(1, 28, 28)  # one image, every grey level
+    model = RecordingVAE()
+    model.seen = []
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-6)
+    for epoch in range(1, 401):
+        train_epoch(model, optimizer, grey, 64, 1.0, epoch, binarize=True)
+    seen = torch.stack(model.seen).flatten(1)
+    assert set(seen.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(seen[0], seen[1])  # two epochs, two binarizations of the one image
+    assert (seen.mean(0) - grey.flatten()).abs().max() < 0.1  # 400 draws: a standard error of 0.025 at most
+    assert seen[:, 0].eq(0).all() and seen[:, -1].eq(1).all()  # grey 0 and 1 stay as they are
+
+
+def test_measured_images_are_binarized_once_from_a_fixed_seed():
+    grey = torch.rand(500, 28, 28)
+    config = {**vae_lstm.CONFIG_DEFAULTS, "binarize": True}
+    once = vae_lstm.as_measured(grey, config)
+    assert set(once.unique().tolist()) == {0.0, 1.0} and abs(once.mean() - grey.mean()) < 0.01
+    assert torch.equal(vae_lstm.as_measured(grey, config), once)  # the same every time
+    assert vae_lstm.as_measured(grey, vae_lstm.CONFIG_DEFAULTS) is grey
+
+
+@pytest.fixture(scope="module")
+def grey_mnist(tmp_path_factory):
+    return write_tiny_mnist(tmp_path_factory.mktemp("grey"), grey=True)
+
+
+def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path, capsys):
+    binarized_run, tiny_mnist = tmp_path, grey_mnist
+    assert main(train_args(tiny_mnist, binarized_run, "--binarize")) == 0
+    checkpoint = binarized_run / "best_model.pt"
+    assert torch.load(checkpoint, weights_only=True)["config"]["binarize"] is True
+    evaluations = []
+    for _ in range(2):
+        assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--iw-samples", "5"]) == 0
+        evaluations.append(json.loads((binarized_run / "evaluation.json").read_text()))
+    first, second = ({key: value for key, value in evaluation.items() if key not in ("iw_seconds", "machine")}
+                     for evaluation in evaluations)
+    assert first == second  # one checkpoint, one set of numbers
+    assert first["binarize"] is True and "iw_bound" not in first and first["iw_nll"] > 0
+    assert "-log p(x) of the binarized images" in first["iw_meaning"]
+    assert "-log p(x) ~" in capsys.readouterr().out
+
+    results = read_results(binarized_run)
+    assert first["total"] == pytest.approx(results["test"]["total"], rel=1e-6)  # what train measured: binarized
+    model, _ = vae_lstm.load_model(checkpoint, "cpu")
+    grey = vae_lstm.load_mnist(tiny_mnist, train=False)
+    assert evaluate(model, vae_lstm.binarize_once(grey))["total"] == pytest.approx(first["total"], rel=1e-9)
+    assert evaluate(model, grey)["total"] != pytest.approx(first["total"], rel=1e-4)  # not the grey levels
+
+    assert main(["explore", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist)]) == 0
+    assert json.loads((binarized_run / "exploration.json").read_text())["kl"] == pytest.approx(results["test"]["kl"],
+                                                                                               rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report's design choices (sections 1.1 and 1.3) as variants of its model
+
+
+def lstm_parameters(hidden, directions):
+    return directions * 4 * hidden * (28 + hidden + 2)  # input and recurrent weights, two biases, four gates
+
+
+def linear_parameters(inputs, outputs):
+    return inputs * outputs + outputs
+
+
+def decoder_parameters(first_channels):  # the transposed convolutions: 4x4 kernels, a bias per output channel
+    return sum(i * o * 16 + o for i, o in ((first_channels, 64), (64, 32), (32, 16), (16, 1)))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], lstm_parameters(64, 2) + 2 * linear_parameters(128, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
+    (["--unidirectional"],
+     lstm_parameters(64, 1) + 2 * linear_parameters(64, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
+    (["--no-encoder-fc"], lstm_parameters(64, 2) + linear_parameters(64, 64) + decoder_parameters(64)),
+    (["--no-decoder-fc"], lstm_parameters(64, 2) + 2 * linear_parameters(128, 64) + decoder_parameters(64)),
+    (["--latent-dim", "16"],
+     lstm_parameters(64, 2) + 2 * linear_parameters(128, 16) + linear_parameters(16, 64) + decoder_parameters(64)),
+    (["--hidden-size", "32"],
+     lstm_parameters(32, 2) + 2 * linear_parameters(64, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
+    (["--hidden-size", "128"],
+     lstm_parameters(128, 2) + 2 * linear_parameters(256, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
+    (["--no-encoder-fc", "--hidden-size", "16", "--no-decoder-fc"], lstm_parameters(16, 2) + decoder_parameters(16)),
+], ids=["report", "unidirectional", "no-encoder-fc", "no-decoder-fc", "latent-16", "hidden-32", "hidden-128",
+        "report-first-model"])
+def test_each_design_flag_builds_the_parameters_it_should(flags, expected):
+    model = vae_lstm.build_model(vae_lstm.checkpoint_config(vae_lstm.parse_args(["train", *flags])))
+    assert sum(p.numel() for p in model.parameters()) == expected
+    recon, mu, logvar = model(torch.rand(3, 28, 28))
+    assert recon.shape == (3, 1, 28, 28) and mu.shape == logvar.shape == (3, model.latent_dim)
+    if not flags:
+        assert expected == 175_665
+
+
+class ReportCodeVAE(torch.nn.Module):
+    """The report code's model class, with its arguments bidirect, zdim and encoder_fc_out_size."""
+
+    def __init__(self, bidirect=True, zdim=64, encoder_fc_out_size=64):
+        super().__init__()
+        self.encoder_lstm = torch.nn.LSTM(28, zdim, batch_first=True, bidirectional=bidirect)
+        self.encoder_mu = torch.nn.Linear(zdim * (2 if bidirect else 1), encoder_fc_out_size)
+        self.encoder_logvar = torch.nn.Linear(zdim * (2 if bidirect else 1), encoder_fc_out_size)
+        self.decoder_fc = torch.nn.Linear(encoder_fc_out_size, 64)
+        self.decoder_list = torch.nn.ModuleList([
+            torch.nn.ConvTranspose2d(64, 64, 4, 1), torch.nn.ConvTranspose2d(64, 32, 4, 1),
+            torch.nn.ConvTranspose2d(32, 16, 4, 2, 1), torch.nn.ConvTranspose2d(16, 1, 4, 2, 1)])
+
+
+@pytest.mark.parametrize("flags, report_arguments", [
+    (["--unidirectional"], {"bidirect": False}),
+    (["--hidden-size", "32"], {"zdim": 32}),
+    (["--hidden-size", "128"], {"zdim": 128}),
+    (["--latent-dim", "16"], {"encoder_fc_out_size": 16}),
+])
+def test_variants_the_report_code_can_build_load_strictly_into_it(flags, report_arguments):
+    model = vae_lstm.build_model(vae_lstm.checkpoint_config(vae_lstm.parse_args(["train", *flags])))
+    ReportCodeVAE(**report_arguments).load_state_dict(model.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--no-encoder-fc", "--unidirectional"], ["--no-encoder-fc", "--unidirectional"]),
+    (["--no-encoder-fc", "--latent-dim", "16"], ["--latent-dim must equal --hidden-size", "16 and 64"]),
+    (["--no-encoder-fc", "--hidden-size", "32", "--latent-dim", "64"], ["64 and 32"]),
+])
+def test_impossible_design_combinations_are_usage_errors(flags, words, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--out", str(tmp_path / "run"), *flags])
+    assert stopped.value.code == 2 and not (tmp_path / "run").exists()
+    one_error_line(capsys.readouterr(), "error", *words)
+
+
+@pytest.mark.parametrize("flags", [["--unidirectional", "--hidden-size", "16", "--latent-dim", "8", "--no-decoder-fc"],
+                                   ["--no-encoder-fc", "--hidden-size", "16"]])
+def test_a_variant_round_trips_through_its_checkpoint(flags, tiny_mnist, tmp_path, monkeypatch, capsys):
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(train_args(tiny_mnist, whole, *flags)) == 0
+    results, checkpoint = read_results(whole), whole / "best_model.pt"
+    latent_dim = 8 if "8" in flags else 16
+    assert torch.load(checkpoint, weights_only=True)["config"]["latent_dim"] == latent_dim
+
+    assert main(["generate", "--checkpoint", str(checkpoint), "--n", "4", "--out", str(tmp_path / "four.png")]) == 0
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--iw-samples", "3"]) == 0
+    assert json.loads((whole / "evaluation.json").read_text())["total"] == pytest.approx(results["test"]["total"],
+                                                                                         rel=1e-6)
+    assert main(["explore", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--out",
+                 str(tmp_path / "explored")]) == 0
+    assert len(json.loads((tmp_path / "explored" / "exploration.json").read_text())["activity"]) == latent_dim
+
+    train_epoch = vae_lstm.train_epoch
+    def interrupted_in_epoch_3(*args):
+        if args[5] == 3:
+            raise KeyboardInterrupt
+        return train_epoch(*args)
+    monkeypatch.setattr(vae_lstm, "train_epoch", interrupted_in_epoch_3)
+    assert main(train_args(tiny_mnist, stopped, *flags)) == 130
+    monkeypatch.setattr(vae_lstm, "train_epoch", train_epoch)
+    assert main(train_args(tiny_mnist, stopped, *flags, "--resume")) == 0
+    assert losses(read_results(stopped)) == pytest.approx(losses(results), abs=1e-6)
+    main(train_args(tiny_mnist, stopped, "--resume"))  # the report's model is not this run's
+    assert "other settings" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
