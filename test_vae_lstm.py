@@ -3,12 +3,14 @@
 Most tests run on tiny MNIST-format files written here; one trains briefly on the real
 MNIST, found at $VAE_LSTM_MNIST, else at ../shared/mnist or ./data beside this file.
 """
+import csv
 import errno
 import io
 import json
 import math
 import os
 import pickle
+import re
 import signal
 import stat
 import struct
@@ -412,7 +414,8 @@ def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path,
     assert torch.load(checkpoint, weights_only=True)["config"]["binarize"] is True
     evaluations = []
     for _ in range(2):
-        assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--iw-samples", "5"]) == 0
+        assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist),
+                     "--iw-samples", "5"]) == 0
         evaluations.append(json.loads((binarized_run / "evaluation.json").read_text()))
     first, second = ({key: value for key, value in evaluation.items() if key not in ("iw_seconds", "machine")}
                      for evaluation in evaluations)
@@ -528,6 +531,7 @@ def test_a_variant_round_trips_through_its_checkpoint(flags, tiny_mnist, tmp_pat
     assert len(json.loads((tmp_path / "explored" / "exploration.json").read_text())["activity"]) == latent_dim
 
     train_epoch = vae_lstm.train_epoch
+
     def interrupted_in_epoch_3(*args):
         if args[5] == 3:
             raise KeyboardInterrupt
@@ -814,6 +818,128 @@ def test_resume_needs_a_run_with_the_same_settings(reference_run, tiny_mnist, tm
     assert main(train_args(tiny_mnist, out, "--resume", "--lr", "0.01")) == 2
     one_error_line(capsys.readouterr(), "other settings", "lr 0.001 there, 0.01 here")
     assert (out / "last.pt").read_bytes() == before
+
+
+def test_resume_with_a_larger_epochs_gives_the_numbers_of_the_longer_run(reference_run, tiny_mnist, tmp_path, capsys):
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "4")) == 0
+    assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 0  # --epochs 6, as the reference run
+    resumed, reference = read_results(tmp_path), read_results(reference_run[0])
+    assert losses(resumed) == pytest.approx(losses(reference), abs=1e-6)
+    assert resumed["epochs_run"] == TINY_EPOCHS and resumed["best_epoch"] == reference["best_epoch"]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["config"]["epochs"] == TINY_EPOCHS
+
+
+def test_every_refusal_of_resume_comes_before_the_data_is_read(reference_run, tiny_mnist, tmp_path, monkeypatch,
+                                                               capsys):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read")
+    monkeypatch.setattr(vae_lstm, "load_mnist", no_data)
+    out = reference_run[0]
+    for extra, words in ((["--epochs", "2"], ["trained 6 epochs already", "more than --epochs 2"]),
+                         (["--seed", "1"], ["other settings", "seed 0 there, 1 here"]),
+                         (["--binarize"], ["other settings", "binarize False there, True here"]),
+                         (["--latent-dim", "16"], ["other settings", "latent_dim 64 there, 16 here"])):
+        assert main([*train_args(tiny_mnist, out, "--resume"), *extra]) == 2
+        one_error_line(capsys.readouterr(), *words)
+    assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 2
+    one_error_line(capsys.readouterr(), "no checkpoint")
+
+
+def test_resuming_a_run_that_early_stopping_ended_trains_nothing_more(tiny_mnist, tmp_path, monkeypatch, capsys):
+    val_totals = iter([9.0, 8.0, 7.0, 7.5, 7.2, 7.0])  # best at 3, then 3 epochs without a better one
+    scripted = {"bce": 1.0, "kl": 1.0, "total": 2.0}
+    monkeypatch.setattr(vae_lstm, "train_epoch", lambda *args: scripted)
+    monkeypatch.setattr(vae_lstm, "evaluate", lambda *args: {**scripted, "total": next(val_totals, 2.0)})
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "50", "--patience", "3")) == 0
+    assert read_results(tmp_path)["epochs_run"] == 6
+    capsys.readouterr()
+
+    def no_training(*args):
+        raise AssertionError("trained again")
+    monkeypatch.setattr(vae_lstm, "train_epoch", no_training)
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "80", "--patience", "3", "--resume")) == 0
+    assert "early stopping ended this run at epoch 6" in capsys.readouterr().out
+    results = read_results(tmp_path)
+    assert results["epochs_run"] == 6 and results["stop_reason"].startswith("early stopping")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures in the format their suffix names; runs compared
+
+
+@pytest.mark.parametrize("suffix, pil_format", [(".png", "PNG"), (".jpg", "JPEG"), (".JPEG", "JPEG"), (".bmp", "BMP"),
+                                                (".tiff", "TIFF"), (".webp", "WEBP")])
+def test_generate_writes_the_format_its_suffix_names(suffix, pil_format, reference_run, tmp_path):
+    path = tmp_path / f"digits{suffix}"
+    assert main(["generate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--n", "4", "--out",
+                 str(path)]) == 0
+    with Image.open(path) as picture:
+        assert picture.format == pil_format and picture.size == (2 + 4 * 30, 32)
+
+
+@pytest.mark.parametrize("name", ["digits.txt", "digits", "digits.xbm"])
+def test_a_picture_suffix_that_cannot_be_written_is_a_usage_error(name, reference_run, tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--out",
+                 str(tmp_path / name)]) == 2
+    one_error_line(capsys.readouterr(), "cannot write a picture", name, ".png")
+    assert not list(tmp_path.iterdir())
+    assert main(["compare", str(reference_run[0]), "--figure", str(tmp_path / "runs.txt")]) == 2
+    one_error_line(capsys.readouterr(), "cannot write a figure", "runs.txt")
+
+
+def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_run, tiny_mnist, tmp_path, capsys):
+    seed_1, small = tmp_path / "seed1", tmp_path / "small"
+    assert main(train_args(tiny_mnist, seed_1, "--seed", "1")) == 0
+    assert main(train_args(tiny_mnist, small, "--latent-dim", "8", "--no-decoder-fc")) == 0
+    assert main(["evaluate", "--checkpoint", str(small / "best_model.pt"), "--data-dir", str(tiny_mnist),
+                 "--iw-samples", "3"]) == 0
+    capsys.readouterr()
+    runs = [reference_run[0], seed_1, small]
+    assert main(["compare", *map(str, runs), "--csv", str(tmp_path / "study" / "runs.csv"), "--figure",
+                 str(tmp_path / "study" / "digits.pdf")]) == 0
+    table = capsys.readouterr().out
+
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "study" / "runs.csv").read_text())))
+    assert [row["variant"] for row in rows] == ["report", "report", "--latent-dim 8 --no-decoder-fc"]
+    assert [row["seed"] for row in rows] == ["0", "1", "0"]
+    for row, run in zip(rows, runs):
+        results = read_results(run)
+        assert float(row["test_total"]) == results["test"]["total"] and int(row["parameters"]) == results["parameters"]
+        assert row["cpu"] and row["torch"] == torch.__version__
+    assert rows[2]["iw_is"] == "bound" and float(rows[2]["iw"]) == json.loads(
+        (small / "evaluation.json").read_text())["iw_bound"]
+    assert rows[2]["parameters"] == str(lstm_parameters(64, 2) + 2 * linear_parameters(128, 8) + decoder_parameters(8))
+
+    totals = torch.tensor([read_results(run)["test"]["total"] for run in runs[:2]], dtype=torch.float64)
+    assert f"| report | 2 | {totals.mean():.2f} ± {totals.std():.2f} |" in table
+    assert (tmp_path / "study" / "digits.pdf").read_bytes().startswith(b"%PDF")
+
+
+def github_anchors(markdown):
+    """The anchors GitHub gives the headings of a Markdown text: lower case, punctuation dropped,
+    spaces as hyphens, a repeated one numbered."""
+    anchors = set()
+    for heading in re.findall(r"^#+ (.+)$", markdown, flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(next(f"{slug}-{n}" if n else slug for n in range(100) if (f"{slug}-{n}" if n else slug) not in anchors))
+    return anchors
+
+
+def test_every_relative_link_and_picture_of_the_documentation_resolves():
+    pages = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)  # no code blocks
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.name}: {target} does not exist"
+            if anchor:
+                assert anchor in github_anchors(linked.read_text()), f"{page.name}: {target} names no heading"
+            checked += 1
+    assert checked >= 20  # the README's pictures and links to the study page, and the study page's own
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,11 +32,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # write PNG files; never open a window
 import matplotlib.pyplot as plt
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from tqdm import tqdm
 
 try:
@@ -63,7 +65,7 @@ IW_MEANING = {  # what evaluate's importance-weighted figure is, written beside 
                 "the Bernoulli likelihood behind the BCE is a distribution over binary images only (Loaiza-Ganem "
                 "& Cunningham, 2019); train --binarize for a -log p(x) comparable with published figures",
 }
-IW_CODES = 100_000  # the importance-weighted estimate draws K codes per image for this many codes at a time (26 MB), then
+IW_CODES = 100_000  # the importance-weighted estimate draws K codes per image for this many at a time (26 MB), then
 IW_CHUNK = 500  # decodes them this many at a time: on 10,000 the decoder runs slower per code (README, Speed)
 REPORT_RESULTS = {  # the report's table (section 3), per image, for the closing summary
     "train": {"bce": 76.97, "kl": 19.74, "total": 96.71},
@@ -101,6 +103,9 @@ def gist(error):
     return (lines or [type(error).__name__])[0].split(". ")[0]
 
 
+# ----------------------------------------------------------------------------------------------
+# Files: each one written whole or not at all; checkpoints read without running their code
+
 def write_atomically(path, write):
     """Call write(binary_file) on a file in memory, then store its bytes through a temporary file beside
     `path` renamed over it: a kill at any moment leaves the old file or the new one, never half of one.
@@ -124,9 +129,77 @@ def write_atomically(path, write):
         raise
 
 
+def write_json(data, path):
+    write_atomically(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def write_csv(rows, path):
+    """A list of dicts with the same keys as a CSV file with a header."""
+    def write(file):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        file.write(text.getvalue().encode())
+
+    write_atomically(path, write)
+
+
+def save_checkpoint(checkpoint, path):
+    write_atomically(path, lambda file: torch.save(checkpoint, file))
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: a pickle that carries code is refused, never run."""
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():  # a refused file is reported below, in one line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # not a pickle, or one that carries code
+        raise UserError(f"cannot read the checkpoint {path}: torch.load(weights_only=True) refused it, as it holds "
+                        f"more than tensors and plain data (nothing in it was run)") from None
+    except Exception as error:  # truncated, or not a torch file at all
+        raise UserError(f"cannot read the checkpoint {path}: it is not a whole file written by torch.save "
+                        f"({gist(error)})") from None
+
+
+def picture_format(path):
+    """The format a picture's suffix names, as PIL calls it ("PNG", "JPEG", ...); a suffix that PIL cannot
+    write a grid of digits in is the user's error."""
+    name = Image.registered_extensions().get(Path(path).suffix.lower())
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=name)  # some formats take only other modes
+    except (KeyError, ValueError, OSError):
+        raise UserError(f"cannot write a picture named {path}: its suffix names no format that PIL can write "
+                        f"the digits in (use .png, .jpg, .webp, .tiff, .bmp, .gif or .pdf)") from None
+    return name
+
+
+def save_grid(images, path, nrow):
+    name = picture_format(path)
+    write_atomically(path, lambda file: torchvision.utils.save_image(images, file, nrow=nrow, format=name, padding=2,
+                                                                      pad_value=0.5))
+
+
+def figure_format(path):
+    """The format a plot's suffix names, as matplotlib calls it; one it cannot write is the user's error."""
+    name = Path(path).suffix[1:].lower()
+    if name not in FigureCanvasAgg.get_supported_filetypes():
+        raise UserError(f"cannot write a figure named {path}: matplotlib writes no format of that suffix "
+                        f"(use .png, .pdf, .svg or .jpg)")
+    return name
+
+
+def save_figure(figure, path):
+    figure.tight_layout()
+    write_atomically(path, lambda file: figure.savefig(file, format=figure_format(path), dpi=100))
+    plt.close(figure)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data and split (report, section 2)
-
 
 def load_mnist(data_dir, train, labels=False):
     """MNIST's 60,000 training or 10,000 test images as one (N, 28, 28) float tensor in [0, 1],
@@ -177,7 +250,6 @@ def load_train_val(data_dir, val_fraction, split_seed):
 
 # ----------------------------------------------------------------------------------------------
 # Model (report, section 1 and Figure 1)
-
 
 class VAE(nn.Module):
     """The report's model; the arguments (MODEL_DEFAULTS) build the variants its code could build
@@ -234,9 +306,25 @@ def build_model(config):
     return VAE(**{name: config[name] for name in MODEL_DEFAULTS})
 
 
+def load_model(path, device):
+    """The model of a checkpoint written by `train`, or of a bare state_dict saved by the
+    report's code (same parameter names), with the checkpoint's config beside it."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}")
+    config = {**CONFIG_DEFAULTS, **checkpoint.get("config", {})}  # a bare state_dict is the report's model
+    model = build_model(config)
+    try:
+        model.load_state_dict(checkpoint.get("model", checkpoint))
+    except (RuntimeError, TypeError) as error:
+        raise UserError(f"{path} does not hold this model's weights: {gist(error)}") from None
+    if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
+        raise UserError(f"{path} holds weights that are NaN or inf")
+    return model.to(device), config
+
+
 # ----------------------------------------------------------------------------------------------
 # Loss (report, section 1.4; the report's KL formula has a typo, its code's is this one)
-
 
 def kl_per_dimension(mu, logvar):
     """KL(q(z|x) || N(0, I)) in closed form, for each image and latent dimension: -1/2 (1 + log sigma^2
@@ -261,7 +349,6 @@ def per_image(loss_sums, n_images):
 
 # ----------------------------------------------------------------------------------------------
 # Training and validation (report, section 2)
-
 
 class EarlyStopping:
     """Counts the epochs since the best validation total; the report's code counted but never stopped."""
@@ -347,70 +434,27 @@ def machine():
             "threads": torch.get_num_threads()}
 
 
-def save_checkpoint(checkpoint, path):
-    write_atomically(path, lambda file: torch.save(checkpoint, file))
-
-
-def read_checkpoint(path):
-    """torch.load with weights_only=True: a pickle that carries code is refused, never run."""
-    if not Path(path).is_file():
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        with warnings.catch_warnings():  # a refused file is reported below, in one line
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # not a pickle, or one that carries code
-        raise UserError(f"cannot read the checkpoint {path}: torch.load(weights_only=True) refused it, as it holds "
-                        f"more than tensors and plain data (nothing in it was run)") from None
-    except Exception as error:  # truncated, or not a torch file at all
-        raise UserError(f"cannot read the checkpoint {path}: it is not a whole file written by torch.save "
-                        f"({gist(error)})") from None
-
-
-def load_model(path, device):
-    """The model of a checkpoint written by `train`, or of a bare state_dict saved by the
-    report's code (same parameter names), with the checkpoint's config beside it."""
-    checkpoint = read_checkpoint(path)
-    if not isinstance(checkpoint, dict):
-        raise UserError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}")
-    config = {**CONFIG_DEFAULTS, **checkpoint.get("config", {})}  # a bare state_dict is the report's model
-    model = build_model(config)
-    try:
-        model.load_state_dict(checkpoint.get("model", checkpoint))
-    except (RuntimeError, TypeError) as error:
-        raise UserError(f"{path} does not hold this model's weights: {gist(error)}") from None
-    if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
-        raise UserError(f"{path} holds weights that are NaN or inf")
-    return model.to(device), config
-
-
-def write_history(history, path):
-    def write(file):
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-        file.write(text.getvalue().encode())
-
-    write_atomically(path, write)
-
-
-def write_json(data, path):
-    write_atomically(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
-
-
-def start_or_resume(args, model, optimizer, out):
-    """(first epoch to run, history, early stopping): a fresh start, or the state of last.pt."""
-    if not args.resume:
-        return 1, [], EarlyStopping(args.patience)
+def resumable_state(args, out):
+    """last.pt of the run that --resume continues, read before any data: refused if it was trained with
+    other settings, or for more epochs than --epochs. A larger --epochs trains the extra epochs."""
     state = read_checkpoint(out / "last.pt")
     if not isinstance(state, dict) or "config" not in state:
         raise UserError(f"{out / 'last.pt'} is not a run's last.pt")
     there = {**CONFIG_DEFAULTS, **state["config"]}
     changed = [f"{name} {there.get(name)} there, {value} here"
-               for name, value in checkpoint_config(args).items() if there.get(name) != value]
+               for name, value in checkpoint_config(args).items() if name != "epochs" and there.get(name) != value]
     if changed:
         raise UserError(f"--resume: {out} was trained with other settings ({'; '.join(changed)})")
+    if state["epoch"] > args.epochs:
+        raise UserError(f"--resume: {out} has trained {state['epoch']} epochs already, more than --epochs "
+                        f"{args.epochs}")
+    return state
+
+
+def start_or_resume(args, model, optimizer, state):
+    """(first epoch to run, history, early stopping): a fresh start, or the state of last.pt."""
+    if state is None:
+        return 1, [], EarlyStopping(args.patience)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
@@ -419,11 +463,12 @@ def start_or_resume(args, model, optimizer, out):
     return state["epoch"] + 1, state["history"], EarlyStopping(args.patience, state["best_val"], state["bad_epochs"])
 
 
-def fit(args, model, train_images, val_images, out):
-    """Train with early stopping on the validation total; best_model.pt keeps the best epoch,
-    last.pt everything needed to resume. Returns the history and why training stopped."""
+def fit(args, model, train_images, val_images, out, state=None):
+    """Train with early stopping on the validation total, from scratch or from the state of last.pt;
+    best_model.pt keeps the best epoch, last.pt everything needed to resume. Returns the history and
+    why training stopped."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
-    first_epoch, history, stopper = start_or_resume(args, model, optimizer, out)
+    first_epoch, history, stopper = start_or_resume(args, model, optimizer, state)
     config = checkpoint_config(args)
     for epoch in range(first_epoch, args.epochs + 1):
         if stopper.should_stop:
@@ -444,7 +489,7 @@ def fit(args, model, train_images, val_images, out):
                          "bad_epochs": stopper.bad_epochs, "history": history, "rng_cpu": torch.get_rng_state(),
                          "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                         out / "last.pt")
-        write_history(history, out / "history.csv")
+        write_csv(history, out / "history.csv")
         print(f"epoch {epoch:2d}/{args.epochs}  train bce {train['bce']:6.2f} kl {train['kl']:5.2f} "
               f"total {train['total']:6.2f}  |  val bce {val['bce']:6.2f} kl {val['kl']:5.2f} "
               f"total {val['total']:6.2f}  {history[-1]['seconds']:5.1f}s{'  best' if improved else ''}", flush=True)
@@ -467,16 +512,8 @@ def plot_losses(history, best_epoch, path):
     save_figure(figure, path)
 
 
-def save_figure(figure, path):
-    figure.tight_layout()
-    write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=100))
-    plt.close(figure)
-
-
-def save_grid(images, path, nrow):
-    write_atomically(path, lambda file: torchvision.utils.save_image(images, file, nrow=nrow, format="png", padding=2,
-                                                                      pad_value=0.5))
-
+# ----------------------------------------------------------------------------------------------
+# Test (report, section 3): the best model, under torch.no_grad(), never a gradient step
 
 @torch.no_grad()
 def save_reconstructions(model, images, path, n=10):
@@ -487,10 +524,6 @@ def save_reconstructions(model, images, path, n=10):
     save_grid(torch.cat([x.reshape(-1, 1, 28, 28), recon]).cpu(), path, nrow=n)
 
 
-# ----------------------------------------------------------------------------------------------
-# Test (report, section 3): the best model, under torch.no_grad(), never a gradient step
-
-
 def summary_table(results):
     lines = [f"{'':6}{'report: BCE':>12}{'KL':>7}{'total':>8}  |{'this run: BCE':>14}{'KL':>7}{'total':>8}"]
     for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
@@ -498,47 +531,6 @@ def summary_table(results):
         lines.append(f"{name:6}{report['bce']:12.2f}{report['kl']:7.2f}{report['total']:8.2f}  |"
                      f"{ours['bce']:14.2f}{ours['kl']:7.2f}{ours['total']:8.2f}")
     return "\n".join(lines)
-
-
-def train(args):
-    out = Path(args.out)
-    with claim_run_folder(out, args.resume):
-        device = resolve_device(args.device)
-        torch.manual_seed(args.seed)
-        config = checkpoint_config(args)
-        train_images, val_images = load_train_val(args.data_dir, args.val_fraction, args.split_seed)
-        test_images, test_labels = load_mnist(args.data_dir, train=False, labels=True)
-        # The losses are measured on `measured`; with --binarize, training draws its binary pixels afresh.
-        measured = {split: as_measured(images, config).to(device)
-                    for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
-        train_images = train_images.to(device) if args.binarize else measured["train"]
-        print(f"{len(train_images)} training, {len(measured['val'])} validation, {len(measured['test'])} test images"
-              f"{' (binarized)' if args.binarize else ''}; device {device}; writing to {out}", flush=True)
-
-        history, stop_reason = fit(args, build_model(config).to(device), train_images, measured["val"], out)
-
-        start = time.perf_counter()
-        model, _ = load_model(out / "best_model.pt", device)  # the best model, not the last (a report bug)
-        best = min(history, key=lambda row: row["val_total"])["epoch"]  # the first best, as early stopping saw it
-        results = {split: evaluate(model, images, args.kl_weight) for split, images in measured.items()}
-        train_seconds = sum(row["train_seconds"] for row in history)
-        results.update(best_epoch=best, epochs_run=len(history), stop_reason=stop_reason,
-                       seconds=sum(row["seconds"] for row in history) + time.perf_counter() - start,
-                       seconds_per_epoch=sum(row["seconds"] for row in history) / len(history),
-                       train_images_per_second=len(train_images) * len(history) / train_seconds,
-                       parameters=sum(parameter.numel() for parameter in model.parameters()), machine=machine())
-        write_json(results, out / "results.json")
-        plot_losses(history, best, out / "loss_plot.png")
-        save_reconstructions(model, measured["train"], out / "train_reconstruction.png")
-        save_reconstructions(model, measured["test"], out / "test_reconstruction.png")
-        save_samples(model, 100, 10, args.seed, out / "generated.png")
-        exploration = explore(model, measured["test"], test_labels, out, out / "best_model.pt")
-    print(f"\n{stop_reason}; best epoch {best} of {len(history)}; {results['seconds']:.0f}s, "
-          f"{results['train_images_per_second']:.0f} training images/s")
-    print(f"per-image losses of the best model (nats):\n{summary_table(results)}")
-    print(active_units_line(exploration))
-    print(f"written to {out}: best_model.pt, last.pt, history.csv, results.json, loss_plot.png, "
-          f"train_reconstruction.png, test_reconstruction.png, generated.png, {', '.join(EXPLORATION_FILES)}")
 
 
 def evaluate_command(args):
@@ -625,8 +617,56 @@ def importance_weighted_nll(model, images, n_samples, chunk=IW_CHUNK):
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation (the report's generator.py, which duplicated the config and never saved its figure)
+# The train command: train and validate, then test the best model and draw the report's figures
 
+def train(args):
+    out = Path(args.out)
+    with claim_run_folder(out, args.resume):
+        device = resolve_device(args.device)
+        torch.manual_seed(args.seed)
+        config = checkpoint_config(args)
+        state = resumable_state(args, out) if args.resume else None
+        if state and state["bad_epochs"] >= args.patience:
+            print(f"early stopping ended this run at epoch {state['epoch']} (no better validation total in "
+                  f"{args.patience} epochs): nothing more to train; its best model is tested again", flush=True)
+        train_images, val_images = load_train_val(args.data_dir, args.val_fraction, args.split_seed)
+        test_images, test_labels = load_mnist(args.data_dir, train=False, labels=True)
+        # The losses are measured on `measured`; with --binarize, training draws its binary pixels afresh.
+        measured = {split: as_measured(images, config).to(device)
+                    for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
+        train_images = train_images.to(device) if args.binarize else measured["train"]
+        print(f"{len(train_images)} training, {len(measured['val'])} validation, {len(measured['test'])} test images"
+              f"{' (binarized)' if args.binarize else ''}; device {device}; writing to {out}", flush=True)
+
+        history, stop_reason = fit(args, build_model(config).to(device), train_images, measured["val"], out, state)
+
+        start = time.perf_counter()
+        model, _ = load_model(out / "best_model.pt", device)  # the best model, not the last (a report bug)
+        best = min(history, key=lambda row: row["val_total"])["epoch"]  # the first best, as early stopping saw it
+        results = {split: evaluate(model, images, args.kl_weight) for split, images in measured.items()}
+        train_seconds = sum(row["train_seconds"] for row in history)
+        results.update(best_epoch=best, epochs_run=len(history), stop_reason=stop_reason,
+                       seconds=sum(row["seconds"] for row in history) + time.perf_counter() - start,
+                       seconds_per_epoch=sum(row["seconds"] for row in history) / len(history),
+                       train_images_per_second=len(train_images) * len(history) / train_seconds,
+                       parameters=sum(parameter.numel() for parameter in model.parameters()), machine=machine(),
+                       config=config)
+        write_json(results, out / "results.json")
+        plot_losses(history, best, out / "loss_plot.png")
+        save_reconstructions(model, measured["train"], out / "train_reconstruction.png")
+        save_reconstructions(model, measured["test"], out / "test_reconstruction.png")
+        save_samples(model, 100, 10, args.seed, out / "generated.png")
+        exploration = explore(model, measured["test"], test_labels, out, out / "best_model.pt")
+    print(f"\n{stop_reason}; best epoch {best} of {len(history)}; {results['seconds']:.0f}s, "
+          f"{results['train_images_per_second']:.0f} training images/s")
+    print(f"per-image losses of the best model (nats):\n{summary_table(results)}")
+    print(active_units_line(exploration))
+    print(f"written to {out}: best_model.pt, last.pt, history.csv, results.json, loss_plot.png, "
+          f"train_reconstruction.png, test_reconstruction.png, generated.png, {', '.join(EXPLORATION_FILES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation (the report's generator.py, which duplicated the config and never saved its figure)
 
 @torch.no_grad()
 def save_samples(model, n, nrow, seed, path):
@@ -641,6 +681,7 @@ def save_samples(model, n, nrow, seed, path):
 def generate(args):
     model, _ = load_model(args.checkpoint, resolve_device(args.device))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "generated.png"
+    picture_format(out)
     check_out_dir(out.parent)
     save_samples(model, args.n, args.nrow, args.seed, out)
     print(f"{args.n} generated digits written to {out}")
@@ -753,8 +794,99 @@ def explore_command(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# Comparing runs (beyond the report): one row per run, the mean of each variant, their digits side by side
 
+COMPARED = ("test_total", "test_bce", "test_kl", "iw", "active_units", "best_epoch", "seconds_per_epoch")
+
+
+def variant_name(config):
+    """The train flags that built a run's model and data, or "report" for the report's own."""
+    flags = {"--binarize": config["binarize"], "--unidirectional": not config["bidirectional"],
+             f"--hidden-size {config['hidden_size']}": config["hidden_size"] != MODEL_DEFAULTS["hidden_size"],
+             f"--latent-dim {config['latent_dim']}":
+                 config["encoder_fc"] and config["latent_dim"] != MODEL_DEFAULTS["latent_dim"],
+             "--no-encoder-fc": not config["encoder_fc"], "--no-decoder-fc": not config["decoder_fc"]}
+    return " ".join(flag for flag, used in flags.items() if used) or "report"
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {getattr(error, 'strerror', None) or gist(error)}") from None
+
+
+def run_row(folder):
+    """One run folder of `train` (results.json, exploration.json, and evaluation.json where evaluate wrote one)
+    as one flat row. The config is results.json's, or its best_model.pt's for runs older than that."""
+    results = read_json(folder / "results.json")
+    config = {**CONFIG_DEFAULTS, **(results.get("config") or read_checkpoint(folder / "best_model.pt")["config"])}
+    evaluation = read_json(folder / "evaluation.json") if (folder / "evaluation.json").is_file() else {}
+    where = results.get("machine", {})
+    return {"run": folder.name, "variant": variant_name(config), "seed": config["seed"],
+            "parameters": results.get("parameters"), "best_epoch": results["best_epoch"],
+            "epochs_run": results["epochs_run"],
+            **{f"{split}_{part}": results[split][part] for split in ("train", "val", "test")
+               for part in ("bce", "kl", "total")},
+            "iw_samples": evaluation.get("iw_samples"), "iw": evaluation.get("iw_nll", evaluation.get("iw_bound")),
+            "iw_is": "-log p(x)" if "iw_nll" in evaluation else "bound" if "iw_bound" in evaluation else None,
+            "iw_seconds": evaluation.get("iw_seconds"),
+            "active_units": read_json(folder / "exploration.json")["active_units"],
+            "seconds_per_epoch": results.get("seconds_per_epoch"), "cpu": where.get("cpu"), "torch": where.get("torch"),
+            "threads": where.get("threads")}
+
+
+def variant_table(rows):
+    """Markdown: the mean and standard deviation over the runs of each variant, in the order first seen."""
+    variants = {}
+    for row in rows:
+        variants.setdefault(row["variant"], []).append(row)
+    lines = [f"| variant | runs | {' | '.join(COMPARED)} |", "|---" * (len(COMPARED) + 2) + "|"]
+    for variant, runs in variants.items():
+        cells = []
+        for name in COMPARED:
+            values = torch.tensor([run[name] for run in runs if run[name] is not None], dtype=torch.float64)
+            cells.append("" if not len(values) else f"{values.mean():.2f}" if len(values) == 1 else
+                         f"{values.mean():.2f} ± {values.std():.2f}")
+        lines.append(f"| {variant} | {len(runs)} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def plot_variant_samples(folders, rows, path, n=100):
+    """n digits of the first run of each variant, from the same z draws where the latent sizes agree."""
+    firsts = {}
+    for folder, row in zip(folders, rows):
+        firsts.setdefault(row["variant"], folder)
+    columns = min(4, len(firsts))
+    rows_of_axes = math.ceil(len(firsts) / columns)
+    figure, axes = plt.subplots(rows_of_axes, columns, figsize=(3.2 * columns, 3.5 * rows_of_axes), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, (variant, folder) in zip(axes.flat, firsts.items()):
+        model, _ = load_model(folder / "best_model.pt", "cpu")
+        z = torch.randn((n, model.latent_dim), generator=torch.Generator().manual_seed(0))
+        grid = torchvision.utils.make_grid(model.eval().decode(z), nrow=math.isqrt(n), padding=2, pad_value=0.5)
+        axis.imshow(grid.permute(1, 2, 0).numpy())
+        axis.set_title(variant.replace(" --", "\n--"), fontsize=9)
+    save_figure(figure, path)
+
+
+def compare_command(args):
+    folders = [Path(folder) for folder in args.runs]
+    rows = [run_row(folder) for folder in folders]
+    if args.csv:
+        check_out_dir(Path(args.csv).parent)
+        write_csv(rows, args.csv)
+    if args.figure:
+        figure_format(args.figure)
+        check_out_dir(Path(args.figure).parent)
+        plot_variant_samples(folders, rows, args.figure)
+    print(variant_table(rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
 
 def resolve_device(name):
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
@@ -882,7 +1014,8 @@ def parse_args(argv=None):
     sample.add_argument("--n", type=POSITIVE_INT, default=100, help="number of digits")
     sample.add_argument("--nrow", type=POSITIVE_INT, default=10, help="digits per row of the grid")
     sample.add_argument("--seed", type=SEED, default=0, help="seed of the z draws")
-    sample.add_argument("--out", help="PNG to write (default: generated.png beside the checkpoint)")
+    sample.add_argument("--out", help="picture to write, in the format its suffix names (.png, .jpg, ...; "
+                                      "default: generated.png beside the checkpoint)")
 
     score = commands.add_parser("evaluate", formatter_class=HelpWithDefaults,
                                 help="per-image losses of a split, and an importance-weighted bound")
@@ -896,6 +1029,13 @@ def parse_args(argv=None):
     look = commands.add_parser("explore", formatter_class=HelpWithDefaults,
                                help="the latent space on the test set: interpolation, map by digit, active units")
     look.add_argument("--out", help="folder for its four files (default: the checkpoint's folder)")
+
+    collect = commands.add_parser("compare", formatter_class=HelpWithDefaults,
+                                  help="runs side by side: one CSV row each, the mean and standard deviation of "
+                                       "each variant, their generated digits")
+    collect.add_argument("runs", nargs="+", help="run folders written by train (and evaluate)")
+    collect.add_argument("--csv", help="CSV to write, one row per run")
+    collect.add_argument("--figure", help="figure to write: 100 digits of each variant's first run (.png, .pdf, ...)")
 
     for command in (sample, score, look):
         command.add_argument("--checkpoint", default="runs/lstm_vae/best_model.pt", help="model to load")
@@ -925,7 +1065,8 @@ def check_design(parser, args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    commands = {"train": train, "generate": generate, "evaluate": evaluate_command, "explore": explore_command}
+    commands = {"train": train, "generate": generate, "evaluate": evaluate_command, "explore": explore_command,
+                "compare": compare_command}
     try:
         commands[args.command](args)
     except WriteError as error:
@@ -944,7 +1085,7 @@ def main(argv=None):
 def left_behind(args, argv, go_on="resume with"):
     """What a stopped command leaves on disk, and how to go on."""
     if args.command != "train":
-        return "no file is half-written" if args.command == "explore" else "nothing was written"
+        return "no file is half-written" if args.command in ("explore", "compare") else "nothing was written"
     last = Path(args.out) / "last.pt"
     if not last.is_file():  # without --resume, a best_model.pt here is this run's (claim_run_folder)
         best = last.parent / "best_model.pt"
