@@ -6,10 +6,12 @@ with the bugs of its code fixed (see README.md).
     python vae_lstm.py generate --n 100      # digits from the best model
     python vae_lstm.py evaluate              # test-set losses (and an importance-weighted bound)
     python vae_lstm.py explore               # what the latent space learned
+    python vae_lstm.py compare runs/*        # runs side by side, the mean of each variant
 
-The file follows the report: data and split, model, loss, training with
-validation and early stopping, test, generation, then what goes beyond the
-report (the latent space) and the command line.
+After its helpers for errors and files, the file follows the report: data and
+split, model, loss, training with validation and early stopping, test, the
+train command that runs them, generation; then what goes beyond the report
+(the latent space, comparing runs) and the command line.
 """
 import argparse
 import contextlib
@@ -1006,7 +1008,8 @@ def parse_args(argv=None):
                              "the backward direction, with no linear layers")
     design.add_argument("--no-decoder-fc", action="store_true",
                         help="the report's first decoder: z enters the first transposed convolution directly")
-    run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out, with the same settings; a larger --epochs trains more")
     run.add_argument("--out", default="runs/lstm_vae", help="folder for the checkpoints, logs and figures")
 
     sample = commands.add_parser("generate", formatter_class=HelpWithDefaults,
