@@ -671,13 +671,17 @@ def train(args):
 # Generation (the report's generator.py, which duplicated the config and never saved its figure)
 
 @torch.no_grad()
-def save_samples(model, n, nrow, seed, path):
-    """Decode n draws of z ~ N(0, I) into one grid image."""
+def sample_digits(model, n, seed):
+    """Decode n draws of z ~ N(0, I), drawn from `seed`: (n, 1, 28, 28) on the CPU."""
     model.eval()
     device = next(model.parameters()).device
-    z = torch.randn((n, model.latent_dim), generator=torch.Generator(device).manual_seed(seed),
-                    device=device)
-    save_grid(model.decode(z).cpu(), path, nrow)
+    z = torch.randn((n, model.latent_dim), generator=torch.Generator(device).manual_seed(seed), device=device)
+    return model.decode(z).cpu()
+
+
+def save_samples(model, n, nrow, seed, path):
+    """Decode n draws of z ~ N(0, I) into one grid image."""
+    save_grid(sample_digits(model, n, seed), path, nrow)
 
 
 def generate(args):
@@ -854,9 +858,8 @@ def variant_table(rows):
     return "\n".join(lines)
 
 
-@torch.no_grad()
 def plot_variant_samples(folders, rows, path, n=100):
-    """n digits of the first run of each variant, from the same z draws where the latent sizes agree."""
+    """The n digits that `generate --n n` draws from the first run of each variant, side by side."""
     firsts = {}
     for folder, row in zip(folders, rows):
         firsts.setdefault(row["variant"], folder)
@@ -867,8 +870,8 @@ def plot_variant_samples(folders, rows, path, n=100):
         axis.axis("off")
     for axis, (variant, folder) in zip(axes.flat, firsts.items()):
         model, _ = load_model(folder / "best_model.pt", "cpu")
-        z = torch.randn((n, model.latent_dim), generator=torch.Generator().manual_seed(0))
-        grid = torchvision.utils.make_grid(model.eval().decode(z), nrow=math.isqrt(n), padding=2, pad_value=0.5)
+        grid = torchvision.utils.make_grid(sample_digits(model, n, seed=0), nrow=math.isqrt(n), padding=2,
+                                           pad_value=0.5)
         axis.imshow(grid.permute(1, 2, 0).numpy())
         axis.set_title(variant.replace(" --", "\n--"), fontsize=9)
     save_figure(figure, path)
