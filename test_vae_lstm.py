@@ -916,13 +916,35 @@ def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_r
     assert (tmp_path / "study" / "digits.pdf").read_bytes().startswith(b"%PDF")
 
 
+def test_compare_averages_no_importance_weighted_figures_of_different_k(tiny_mnist, tmp_path, capsys):
+    runs = [tmp_path / "seed0", tmp_path / "seed1"]
+    for seed, (run, k) in enumerate(zip(runs, ("3", "4"))):
+        assert main(train_args(tiny_mnist, run, "--seed", str(seed), "--epochs", "2")) == 0
+        assert main(["evaluate", "--checkpoint", str(run / "best_model.pt"), "--data-dir", str(tiny_mnist),
+                     "--iw-samples", k]) == 0
+    capsys.readouterr()
+
+    def iw_cell():
+        assert main(["compare", *map(str, runs)]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| report |"))
+        return [cell.strip() for cell in row.strip("|").split("|")][5]  # variant, runs, 3 losses, then iw
+
+    assert iw_cell() == "K differs"
+    assert main(["evaluate", "--checkpoint", str(runs[1] / "best_model.pt"), "--data-dir", str(tiny_mnist),
+                 "--iw-samples", "3"]) == 0
+    bounds = torch.tensor([json.loads((run / "evaluation.json").read_text())["iw_bound"] for run in runs],
+                          dtype=torch.float64)
+    assert iw_cell() == f"{bounds.mean():.2f} ± {bounds.std():.2f}"
+
+
 def github_anchors(markdown):
     """The anchors GitHub gives the headings of a Markdown text: lower case, punctuation dropped,
     spaces as hyphens, a repeated one numbered."""
     anchors = set()
     for heading in re.findall(r"^#+ (.+)$", markdown, flags=re.MULTILINE):
         slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-        anchors.add(next(f"{slug}-{n}" if n else slug for n in range(100) if (f"{slug}-{n}" if n else slug) not in anchors))
+        numbered = (f"{slug}-{n}" if n else slug for n in range(100))
+        anchors.add(next(anchor for anchor in numbered if anchor not in anchors))
     return anchors
 
 

@@ -851,6 +851,9 @@ def variant_table(rows):
     for variant, runs in variants.items():
         cells = []
         for name in COMPARED:
+            if name == "iw" and len({run["iw_samples"] for run in runs if run["iw"] is not None}) > 1:
+                cells.append("K differs")  # bounds of different K are not draws of one quantity
+                continue
             values = torch.tensor([run[name] for run in runs if run[name] is not None], dtype=torch.float64)
             cells.append("" if not len(values) else f"{values.mean():.2f}" if len(values) == 1 else
                          f"{values.mean():.2f} ± {values.std():.2f}")
