@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import vae_lstm
 from vae_lstm import VAE, EarlyStopping, evaluate, main, split_indices, train_epoch, vae_loss
@@ -364,6 +366,8 @@ LOSSES_BEFORE_THE_FLAGS = {
 
 
 def test_without_the_new_flags_a_run_gives_the_numbers_of_the_code_before_them(reference_run):
+    if vae_lstm.resolve_device("auto").type != "cpu":
+        pytest.skip("these numbers were measured on the CPU, and `train` here ran on a GPU")
     checkpoint = torch.load(reference_run[0] / "best_model.pt", weights_only=True)
     assert checkpoint["config"]["binarize"] is False and checkpoint["config"]["hidden_size"] == 64
     assert losses(read_results(reference_run[0])) == pytest.approx(LOSSES_BEFORE_THE_FLAGS, rel=1e-4)
@@ -645,7 +649,7 @@ def test_sigkill_leaves_loadable_checkpoints_and_resume_finishes(reference_run, 
     assert status == -signal.SIGKILL
     assert torch.load(tmp_path / "best_model.pt", weights_only=True)["epoch"] >= 1
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert {"epoch", "model", "optimizer", "best_val", "bad_epochs", "history", "rng_cpu"} <= set(last)
+    assert {"epoch", "model", "optimizer", "best_val", "bad_epochs", "history", "rng"} <= set(last)
     assert len(last["history"]) == last["epoch"]
 
     assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 0
@@ -1062,3 +1066,156 @@ def test_cuda_where_there_is_none(tiny_mnist, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(train_args(tiny_mnist, tmp_path, "--device", "cuda")) == 2
     one_error_line(capsys.readouterr(), "--device cuda", "no CUDA device")
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices: the CPU's rules that keep CUDA and MPS right, then tests that run where such a device is
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every operation's float64 outputs, and every random draw's generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.float64, self.draws = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if any(word in str(func) for word in ("rand", "normal", "bernoulli")):
+            self.draws.append((str(func), kwargs.get("generator")))
+        self.float64 += [str(func) for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dtype == torch.float64]
+        return out
+
+
+def test_training_and_evaluation_make_no_float64_tensor():  # MPS has no float64
+    torch.manual_seed(0)
+    model, images = VAE(), torch.rand(100, 28, 28)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    with OpRecorder() as recorder:
+        train_epoch(model, optimizer, images, 64, 1.0, epoch=1, binarize=True)
+        evaluate(model, images)
+        vae_lstm.importance_weighted_nll(model, images[:3], 10)
+    assert recorder.float64 == []
+
+
+def test_what_the_user_reads_is_drawn_from_seeded_cpu_generators(tiny_mnist, tmp_path):
+    model, images = VAE().eval(), vae_lstm.load_mnist(tiny_mnist, train=False)
+    with OpRecorder() as recorder:
+        digits = vae_lstm.sample_digits(model, 5, seed=3)
+        evaluated = evaluate(model, images)
+        vae_lstm.importance_weighted_nll(model, images[:3], 10)
+        vae_lstm.save_reconstructions(model, images, tmp_path / "reconstructions.png")
+        vae_lstm.binarize_once(images)
+    assert len(recorder.draws) == 5  # digits, evaluate's z, the eps of the estimate, reconstructions, binarization
+    for draw, generator in recorder.draws:
+        assert generator is not None and generator.device.type == "cpu", draw  # never a device's, never the global
+    with torch.no_grad():
+        z = torch.randn((5, 64), generator=torch.Generator().manual_seed(3))
+        assert torch.equal(digits, model.decode(z))
+    assert evaluate(model, images) == evaluated
+
+
+@pytest.fixture
+def no_read_back(monkeypatch):
+    """Any read of a tensor's value by the host fails: on a GPU each would wait for the queued work."""
+    def read_back(*args, **kwargs):
+        raise AssertionError("a value was read back from the device")
+
+    for name in ("__bool__", "__float__", "__int__", "item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+    return monkeypatch
+
+
+def test_the_training_step_reads_nothing_back_from_the_device(no_read_back):
+    torch.manual_seed(0)
+    model, x = VAE(), torch.rand(64, 28, 28)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    steps = [vae_lstm.train_step(model, optimizer, x, 1.0) for _ in range(2)]
+    no_read_back.undo()
+    assert all(finite.item() for _, finite in steps) and steps[1][0][0] < steps[0][0][0]
+
+
+def test_a_nan_reconstruction_never_reaches_the_bce(monkeypatch):  # CUDA's BCE kernel would kill the process
+    model, x = VAE(), torch.rand(8, 28, 28)
+    with torch.no_grad():
+        model.decoder_list[3].bias.fill_(math.nan)
+    seen = []
+    monkeypatch.setattr(vae_lstm, "vae_loss", lambda recon, *args: seen.append(bool(recon.isfinite().all()))
+                        or vae_loss(recon, *args))
+    losses, finite = vae_lstm.train_step(model, torch.optim.Adam(model.parameters()), x, 1.0)
+    assert seen == [True] and not finite
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda", "mps"])
+def test_the_training_device_random_state_round_trips_through_last_pt(kind, tmp_path):
+    if kind != "cpu" and not (torch.cuda.is_available() if kind == "cuda" else torch.backends.mps.is_available()):
+        pytest.skip(f"no {kind.upper()} device here")
+    device = torch.device(kind)
+    vae_lstm.save_checkpoint({"rng": vae_lstm.rng_states(device)}, tmp_path / "last.pt")
+    expected = torch.rand(5), torch.rand(5, device=device)
+    torch.rand(5), torch.rand(5, device=device)  # draws of the epochs after the one saved
+    vae_lstm.restore_rng_states(vae_lstm.read_checkpoint(tmp_path / "last.pt")["rng"], device)
+    assert all(map(torch.equal, (torch.rand(5), torch.rand(5, device=device)), expected))
+
+
+@pytest.fixture
+def accelerator():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    pytest.skip("no CUDA or MPS device here: the device tests run where there is one")
+
+
+def test_on_the_accelerator_a_seed_twice_and_a_resumed_run_give_identical_numbers(accelerator, tiny_mnist, tmp_path,
+                                                                                  monkeypatch):
+    runs = [tmp_path / name for name in ("first", "second", "stopped")]
+    for run in runs[:2]:
+        assert main(train_args(tiny_mnist, run, "--device", accelerator)) == 0
+    train_epoch = vae_lstm.train_epoch
+
+    def interrupted_in_epoch_3(*args):
+        if args[5] == 3:
+            raise KeyboardInterrupt
+        return train_epoch(*args)
+    monkeypatch.setattr(vae_lstm, "train_epoch", interrupted_in_epoch_3)
+    assert main(train_args(tiny_mnist, runs[2], "--device", accelerator)) == 130
+    monkeypatch.setattr(vae_lstm, "train_epoch", train_epoch)
+    assert main(train_args(tiny_mnist, runs[2], "--device", accelerator, "--resume")) == 0
+    first, *others = (read_results(run) for run in runs)
+    assert all(losses(other) == losses(first) for other in others)
+    assert first["machine"]["device"] != first["machine"]["cpu"]  # the GPU is named
+    if accelerator == "cuda":
+        assert first["machine"]["precision"] == vae_lstm.CUDA_PRECISION and first["machine"]["cudnn"]
+
+
+def test_cpu_and_accelerator_agree_on_one_checkpoint(accelerator, reference_run, tiny_mnist):
+    images = vae_lstm.load_mnist(tiny_mnist, train=False)
+    measured = {}
+    for device in ("cpu", accelerator):
+        model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", vae_lstm.resolve_device(device))
+        x = images.to(device)
+        measured[device] = (evaluate(model, x), vae_lstm.sample_digits(model, 20, seed=0),
+                            vae_lstm.importance_weighted_nll(model, x, 20).cpu())
+    z = torch.randn(300, 64, device=accelerator)
+    with torch.no_grad():  # float32 there too: no TF32 in the convolutions that the matrix product stands for
+        torch.testing.assert_close(vae_lstm.fast_decoder(model)(z), model.decode(z), rtol=1e-5, atol=1e-6)
+    (cpu_losses, cpu_digits, cpu_iw), (losses_there, digits_there, iw_there) = measured.values()
+    assert losses_there == pytest.approx(cpu_losses, abs=1e-3)  # per image
+    torch.testing.assert_close(digits_there, cpu_digits, rtol=0, atol=1e-4)  # the same digits
+    torch.testing.assert_close(iw_there, cpu_iw, rtol=0, atol=1e-3)
+
+
+def test_the_training_step_never_waits_for_the_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    torch.manual_seed(0)
+    model, x = VAE().cuda(), torch.rand(64, 28, 28, device="cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    vae_lstm.train_step(model, optimizer, x, 1.0)  # the first step sets things up (cuDNN, Adam's state)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        vae_lstm.train_step(model, optimizer, x, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

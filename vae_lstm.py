@@ -48,6 +48,9 @@ try:
 except ImportError:  # Windows has no flock: there two runs into one folder are not prevented (README)
     fcntl = None
 
+# cuBLAS is deterministic only with this workspace setting, read when CUDA starts (before any GPU work here).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 # The report's architecture (section 1 and Figure 1); train's flags build the variants of its claims.
 MODEL_DEFAULTS = {
     "latent_dim": 64,  # size of z (section 1.2; its code's encoder_fc_out_size)
@@ -68,7 +71,9 @@ IW_MEANING = {  # what evaluate's importance-weighted figure is, written beside 
                 "& Cunningham, 2019); train --binarize for a -log p(x) comparable with published figures",
 }
 IW_CODES = 100_000  # the importance-weighted estimate draws K codes per image for this many at a time (26 MB), then
-IW_CHUNK = 500  # decodes them this many at a time: on 10,000 the decoder runs slower per code (README, Speed)
+IW_CHUNK = {"cpu": 500}  # decodes them this many at a time: on the CPU 10,000 run slower per code (docs/study.md);
+IW_CHUNK_ACCELERATOR = 20_000  # a GPU runs a few big launches faster than many small ones
+CUDA_PRECISION = "float32, TF32 off, deterministic algorithms"  # how --device cuda computes (resolve_device)
 REPORT_RESULTS = {  # the report's table (section 3), per image, for the closing summary
     "train": {"bce": 76.97, "kl": 19.74, "total": 96.71},
     "val": {"bce": 77.73, "kl": 19.62, "total": 97.35},
@@ -233,7 +238,7 @@ def split_indices(n=60000, val_fraction=0.1, seed=3136):
 def binarize_once(images):
     """Binary pixels drawn once as Bernoulli(grey value) from a fixed seed: how a binarized model's
     validation and test images are measured, so that one checkpoint always gives the same numbers."""
-    return torch.bernoulli(images, generator=torch.Generator(images.device).manual_seed(BINARIZE_SEED))
+    return torch.bernoulli(images, generator=torch.Generator().manual_seed(BINARIZE_SEED))
 
 
 def as_measured(images, config):
@@ -287,8 +292,8 @@ class VAE(nn.Module):
         return self.encoder_mu(final_states), self.encoder_logvar(final_states)
 
     def reparametrize(self, mu, logvar, generator=None):
-        """z = mu + sigma * eps, eps ~ N(0, I); a generator makes eps reproducible."""
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        """z = mu + sigma * eps, eps ~ N(0, I); a (CPU) generator makes eps reproducible on any device."""
+        eps = torch.randn(mu.shape, device=mu.device) if generator is None else cpu_normal(mu.shape, generator, mu.device)
         return mu + torch.exp(0.5 * logvar) * eps
 
     def decode(self, z):
@@ -301,6 +306,12 @@ class VAE(nn.Module):
     def forward(self, x, generator=None):
         mu, logvar = self.encode(x)
         return self.decode(self.reparametrize(mu, logvar, generator)), mu, logvar
+
+
+def cpu_normal(shape, generator, device):
+    """N(0, 1) draws from a seeded CPU generator, moved to `device`: CPU, CUDA and MPS draw other numbers from
+    one seed, so whatever a user reads (losses, digits, estimates) is drawn here, the same on every device."""
+    return torch.randn(shape, generator=generator).to(device)
 
 
 def build_model(config):
@@ -342,10 +353,11 @@ def vae_loss(recon, x, mu, logvar, kl_weight=1.0):
     return bce + kl_weight * kl, bce, kl
 
 
-def per_image(loss_sums, n_images):
-    """Summed (total, bce, kl) -> per-image losses. The report divided by batches x 64,
-    which undercounts a short last batch; this divides by the images actually seen."""
-    total, bce, kl = (torch.as_tensor(loss_sums, dtype=torch.float64) / n_images).tolist()
+def per_image(batch_losses, n_images):
+    """(batches, 3) float32 sums of (total, bce, kl), on any device -> per-image losses, summed in float64 on
+    the host (MPS has no float64). The report divided by batches x 64, which overcounts the images of a short
+    last batch; this divides by the images actually seen."""
+    total, bce, kl = (sum(column) / n_images for column in batch_losses.cpu().T.tolist())
     return {"bce": bce, "kl": kl, "total": total}
 
 
@@ -376,25 +388,35 @@ def diverged(epoch, batch, n_batches, symptom):
                      f"the saved checkpoints are as they were (a smaller --lr may help)")
 
 
+def train_step(model, optimizer, x, kl_weight):
+    """One Adam step on a batch. Its (total, bce, kl) and whether its reconstructions were finite stay on the
+    device, read once an epoch: reading them here would make a GPU wait at every step."""
+    recon, mu, logvar = model(x)
+    finite = torch.isfinite(recon).all()
+    recon = torch.where(finite, recon, 0.5)  # CUDA's BCE kills the process on NaN; the epoch reports it instead
+    total, bce, kl = vae_loss(recon, x, mu, logvar, kl_weight)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return torch.stack((total, bce, kl)).detach(), finite
+
+
 def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch, binarize=False):
     """One pass over the training images in a fresh random order; per-image losses. With binarize, each
-    image's pixels are drawn afresh as Bernoulli(grey value) every time it is used (Burda et al., 2016)."""
+    image's pixels are drawn afresh as Bernoulli(grey value) every time it is used (Burda et al., 2016).
+    A non-finite step stops the run at the epoch's end, naming the first bad batch."""
     model.train()
     batches = torch.randperm(len(images)).to(images.device).split(batch_size)
-    sums = torch.zeros(3, dtype=torch.float64, device=images.device)
-    for batch, index in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None), start=1):
-        x = torch.bernoulli(images[index]) if binarize else images[index]
-        recon, mu, logvar = model(x)
-        if not torch.isfinite(recon).all():  # the last step made a weight NaN or inf (BCE would refuse these)
-            raise diverged(epoch, batch, len(batches), "the reconstructions hold NaN or inf")
-        losses = vae_loss(recon, x, mu, logvar, kl_weight)
-        if not torch.isfinite(losses[0]):
-            raise diverged(epoch, batch, len(batches), f"the loss is {losses[0].item()}")
-        optimizer.zero_grad(set_to_none=True)
-        losses[0].backward()
-        optimizer.step()
-        sums += torch.stack(losses).detach().double()
-    return per_image(sums.cpu(), len(images))
+    steps = [train_step(model, optimizer, torch.bernoulli(images[index]) if binarize else images[index], kl_weight)
+             for index in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None)]
+    batch_losses = torch.stack([losses for losses, _ in steps]).cpu()
+    finite = torch.stack([finite for _, finite in steps]).cpu()
+    bad = (~finite | ~torch.isfinite(batch_losses[:, 0])).nonzero().flatten().tolist()
+    if bad:
+        symptom = (f"the loss is {batch_losses[bad[0], 0].item()}" if finite[bad[0]] else
+                   "the reconstructions hold NaN or inf")
+        raise diverged(epoch, bad[0] + 1, len(batches), symptom)
+    return per_image(batch_losses, len(images))
 
 
 @torch.no_grad()
@@ -409,14 +431,13 @@ def encode_split(model, images):
 def evaluate(model, images, kl_weight=1.0):
     """Per-image losses of a whole split, in eval mode, with z drawn from a fixed seed."""
     mus, logvars = encode_split(model, images)
-    generator = torch.Generator(images.device).manual_seed(EVAL_SEED)
-    sums = torch.zeros(3, dtype=torch.float64, device=images.device)
+    generator, batch_losses = torch.Generator().manual_seed(EVAL_SEED), []
     for x, mu, logvar in zip(images.split(EVAL_BATCH_SIZE), mus.split(EVAL_BATCH_SIZE), logvars.split(EVAL_BATCH_SIZE)):
         recon = model.decode(model.reparametrize(mu, logvar, generator))
         if not torch.isfinite(recon).all():  # weights made NaN by a diverging step, or a damaged checkpoint
             raise UserError("the model's reconstructions hold NaN or inf: its weights are not finite")
-        sums += torch.stack(vae_loss(recon, x, mu, logvar, kl_weight)).double()
-    return per_image(sums.cpu(), len(images))
+        batch_losses.append(torch.stack(vae_loss(recon, x, mu, logvar, kl_weight)))
+    return per_image(torch.stack(batch_losses), len(images))
 
 
 def checkpoint_config(args):
@@ -427,13 +448,41 @@ def checkpoint_config(args):
             "decoder_fc": not args.no_decoder_fc, **{name: getattr(args, name) for name in names}}
 
 
-def machine():
-    """Where the numbers come from: the same seed gives other numbers on another CPU or torch build."""
+def machine(device):
+    """Where the numbers come from: the same seed gives other numbers on another device or torch build."""
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")] if cpuinfo.is_file() else []
-    return {"cpu": names[0] if names else platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    where = {"device": cpu, "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        where.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                     cudnn=torch.backends.cudnn.version(), precision=CUDA_PRECISION)
+    elif device.type == "mps":
+        where.update(device=f"Apple MPS ({platform.machine()})", precision="float32")
+    return where
+
+
+def rng_states(device):
+    """The random states that a resumed run needs: the CPU's (batch order) and the training device's (noise)."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        states["mps"] = torch.mps.get_rng_state()
+    return states
+
+
+def restore_rng_states(states, device):
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+    elif device.type == "mps" and "mps" in states:
+        torch.mps.set_rng_state(states["mps"])
+    trained_on = next((kind for kind in states if kind != "cpu"), "cpu")
+    if trained_on != device.type:
+        print(f"note: this run was trained on {trained_on.upper()} and goes on on {device.type.upper()}, which draws "
+              f"other random numbers: its results will differ from an uninterrupted run's", flush=True)
 
 
 def resumable_state(args, out):
@@ -459,9 +508,7 @@ def start_or_resume(args, model, optimizer, state):
         return 1, [], EarlyStopping(args.patience)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_cpu"])
-    if torch.cuda.is_available() and state["rng_cuda"]:
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    restore_rng_states(state["rng"], next(model.parameters()).device)
     return state["epoch"] + 1, state["history"], EarlyStopping(args.patience, state["best_val"], state["bad_epochs"])
 
 
@@ -488,8 +535,8 @@ def fit(args, model, train_images, val_images, out, state=None):
                         "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
         save_checkpoint({"config": config, "epoch": epoch, "model": model.state_dict(),
                          "optimizer": optimizer.state_dict(), "best_val": stopper.best,
-                         "bad_epochs": stopper.bad_epochs, "history": history, "rng_cpu": torch.get_rng_state(),
-                         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                         "bad_epochs": stopper.bad_epochs, "history": history,
+                         "rng": rng_states(train_images.device)},
                         out / "last.pt")
         write_csv(history, out / "history.csv")
         print(f"epoch {epoch:2d}/{args.epochs}  train bce {train['bce']:6.2f} kl {train['kl']:5.2f} "
@@ -522,7 +569,7 @@ def save_reconstructions(model, images, path, n=10):
     """The report's Figures 3 and 4: n originals above their reconstructions."""
     model.eval()
     x = images[:n]
-    recon, _, _ = model(x, torch.Generator(x.device).manual_seed(EVAL_SEED))
+    recon, _, _ = model(x, torch.Generator().manual_seed(EVAL_SEED))
     save_grid(torch.cat([x.reshape(-1, 1, 28, 28), recon]).cpu(), path, nrow=n)
 
 
@@ -547,7 +594,8 @@ def evaluate_command(args):
         images = splits[args.split == "val"]
     images = as_measured(images, config).to(device)
     evaluation = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(images),
-                  "binarize": config["binarize"], **evaluate(model, images, config.get("kl_weight", 1.0))}
+                  "binarize": config["binarize"], **evaluate(model, images, config.get("kl_weight", 1.0)),
+                  "machine": machine(device)}
     line = (f"{args.split}: {len(images)}{' binarized' if config['binarize'] else ''} images, per image: "
             f"BCE {evaluation['bce']:.2f}, KL {evaluation['kl']:.2f}, total {evaluation['total']:.2f}")
     if args.iw_samples > 1:
@@ -555,7 +603,7 @@ def evaluate_command(args):
         estimate = importance_weighted_nll(model, images, args.iw_samples).mean().item()
         key = "iw_nll" if config["binarize"] else "iw_bound"
         evaluation.update({"iw_samples": args.iw_samples, key: estimate, "iw_meaning": IW_MEANING[key],
-                           "iw_seconds": time.perf_counter() - start, "machine": machine()})
+                           "iw_seconds": time.perf_counter() - start})
         line += (f"; -log p(x) ~ {estimate:.2f} nats (importance-weighted, K={args.iw_samples})" if config["binarize"]
                  else f"; importance-weighted bound of the report's objective {estimate:.2f} (K={args.iw_samples}; "
                       f"not -log p(x): grey-level pixels, see README)")
@@ -586,13 +634,13 @@ def fast_decoder(model):
 
 
 @torch.no_grad()
-def log_importance_weights(model, x, n_samples, generator=None, chunk=IW_CHUNK, decode=None):
+def log_importance_weights(model, x, n_samples, generator, chunk, decode=None):
     """log p(x|z) + log p(z) - log q(z|x) for n_samples z ~ q(z|x) per image: (B, n_samples), from one
-    draw of eps, (B, n_samples, latent_dim). The codes are decoded `chunk` at a time, by `decode`
-    (model.decode unless given)."""
+    draw of eps, (B, n_samples, latent_dim), from a CPU generator. The codes are decoded `chunk` at a time,
+    by `decode` (model.decode unless given)."""
     decode = decode or model.decode
     mu, logvar = model.encode(x)
-    eps = torch.randn((len(x), n_samples, mu.shape[1]), generator=generator, device=x.device)
+    eps = cpu_normal((len(x), n_samples, mu.shape[1]), generator, x.device)
     z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
     # log N(z; 0, I) - log N(z; mu, sigma^2): the log(2 pi) terms cancel, and (z - mu) / sigma is eps
     log_prior_over_posterior = 0.5 * (eps.pow(2) - z.pow(2) + logvar.unsqueeze(1)).sum(-1)
@@ -605,12 +653,13 @@ def log_importance_weights(model, x, n_samples, generator=None, chunk=IW_CHUNK, 
 
 
 @torch.no_grad()
-def importance_weighted_nll(model, images, n_samples, chunk=IW_CHUNK):
+def importance_weighted_nll(model, images, n_samples, chunk=None):
     """Per-image IWAE estimate of -log p(x) under the model's Bernoulli pixels: -log of the mean of K importance
     weights, in nats (a log-likelihood of the images only where they are binary: IW_MEANING).
     The images go in batches of about IW_CODES / K, so that their codes fit in memory for any K."""
     model.eval()
-    decode, generator = fast_decoder(model), torch.Generator(images.device).manual_seed(EVAL_SEED)
+    decode, generator = fast_decoder(model), torch.Generator().manual_seed(EVAL_SEED)
+    chunk = chunk or IW_CHUNK.get(images.device.type, IW_CHUNK_ACCELERATOR)
     estimates = []
     for x in tqdm(images.split(max(1, IW_CODES // n_samples)), desc=f"K={n_samples}", leave=False, disable=None):
         log_weights = log_importance_weights(model, x, n_samples, generator, chunk, decode)
@@ -638,7 +687,8 @@ def train(args):
                     for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
         train_images = train_images.to(device) if args.binarize else measured["train"]
         print(f"{len(train_images)} training, {len(measured['val'])} validation, {len(measured['test'])} test images"
-              f"{' (binarized)' if args.binarize else ''}; device {device}; writing to {out}", flush=True)
+              f"{' (binarized)' if args.binarize else ''}; device {device} ({machine(device)['device']}); writing to {out}",
+              flush=True)
 
         history, stop_reason = fit(args, build_model(config).to(device), train_images, measured["val"], out, state)
 
@@ -651,7 +701,7 @@ def train(args):
                        seconds=sum(row["seconds"] for row in history) + time.perf_counter() - start,
                        seconds_per_epoch=sum(row["seconds"] for row in history) / len(history),
                        train_images_per_second=len(train_images) * len(history) / train_seconds,
-                       parameters=sum(parameter.numel() for parameter in model.parameters()), machine=machine(),
+                       parameters=sum(parameter.numel() for parameter in model.parameters()), machine=machine(device),
                        config=config)
         write_json(results, out / "results.json")
         plot_losses(history, best, out / "loss_plot.png")
@@ -672,10 +722,9 @@ def train(args):
 
 @torch.no_grad()
 def sample_digits(model, n, seed):
-    """Decode n draws of z ~ N(0, I), drawn from `seed`: (n, 1, 28, 28) on the CPU."""
+    """Decode n draws of z ~ N(0, I), drawn from `seed` on the CPU: (n, 1, 28, 28) on the CPU."""
     model.eval()
-    device = next(model.parameters()).device
-    z = torch.randn((n, model.latent_dim), generator=torch.Generator(device).manual_seed(seed), device=device)
+    z = cpu_normal((n, model.latent_dim), torch.Generator().manual_seed(seed), next(model.parameters()).device)
     return model.decode(z).cpu()
 
 
@@ -838,8 +887,8 @@ def run_row(folder):
             "iw_is": "-log p(x)" if "iw_nll" in evaluation else "bound" if "iw_bound" in evaluation else None,
             "iw_seconds": evaluation.get("iw_seconds"),
             "active_units": read_json(folder / "exploration.json")["active_units"],
-            "seconds_per_epoch": results.get("seconds_per_epoch"), "cpu": where.get("cpu"), "torch": where.get("torch"),
-            "threads": where.get("threads")}
+            "seconds_per_epoch": results.get("seconds_per_epoch"),
+            **{name: where.get(name) for name in ("device", "cpu", "threads", "torch", "cuda", "cudnn", "precision")}}
 
 
 def variant_table(rows):
@@ -847,7 +896,7 @@ def variant_table(rows):
     variants = {}
     for row in rows:
         variants.setdefault(row["variant"], []).append(row)
-    lines = [f"| variant | runs | {' | '.join(COMPARED)} |", "|---" * (len(COMPARED) + 2) + "|"]
+    lines = [f"| variant | runs | {' | '.join(COMPARED)} | device |", "|---" * (len(COMPARED) + 3) + "|"]
     for variant, runs in variants.items():
         cells = []
         for name in COMPARED:
@@ -857,7 +906,8 @@ def variant_table(rows):
             values = torch.tensor([run[name] for run in runs if run[name] is not None], dtype=torch.float64)
             cells.append("" if not len(values) else f"{values.mean():.2f}" if len(values) == 1 else
                          f"{values.mean():.2f} ± {values.std():.2f}")
-        lines.append(f"| {variant} | {len(runs)} | {' | '.join(cells)} |")
+        devices = dict.fromkeys(f"{run['device'] or run['cpu']}, torch {run['torch']}" for run in runs)
+        lines.append(f"| {variant} | {len(runs)} | {' | '.join(cells)} | {'; '.join(devices)} |")
     return "\n".join(lines)
 
 
@@ -902,6 +952,10 @@ def resolve_device(name):
         name = next(device for device, ok in available.items() if ok)
     if not available[name]:
         raise UserError(f"--device {name}: no {name.upper()} device is available here (try --device cpu)")
+    if name == "cuda":  # float32 as on the CPU (cuDNN would use TF32), and the same numbers every time
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        torch.use_deterministic_algorithms(True)
     return torch.device(name)
 
 
