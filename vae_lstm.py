@@ -1,17 +1,9 @@
-"""A Variational Auto-Encoder on MNIST with a bidirectional-LSTM encoder and a
-transposed-convolution decoder: a faithful reproduction of the course report,
-with the bugs of its code fixed (see README.md).
+"""A Variational Auto-Encoder on MNIST with a bidirectional-LSTM encoder and a transposed-convolution decoder:
+a faithful reproduction of a course report's experiment, with the bugs of its code fixed (README.md).
 
-    python vae_lstm.py train                 # the report's experiment
-    python vae_lstm.py generate --n 100      # digits from the best model
-    python vae_lstm.py evaluate              # test-set losses (and an importance-weighted bound)
-    python vae_lstm.py explore               # what the latent space learned
-    python vae_lstm.py compare runs/*        # runs side by side, the mean of each variant
+    python vae_lstm.py train | generate --n 100 | evaluate | explore | compare runs/*
 
-After its helpers for errors and files, the file follows the report: data and
-split, model, loss, training with validation and early stopping, test, the
-train command that runs them, generation; then what goes beyond the report
-(the latent space, comparing runs) and the command line.
+In three parts: the report's experiment, in its order; what goes beyond it; running it safely.
 """
 import argparse
 import contextlib
@@ -34,184 +26,42 @@ import matplotlib
 
 matplotlib.use("Agg")  # write PNG files; never open a window
 import matplotlib.pyplot as plt
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 from tqdm import tqdm
 
-try:
-    import fcntl  # POSIX: one train per run folder at a time
-except ImportError:  # Windows has no flock: there two runs into one folder are not prevented (README)
-    fcntl = None
+# ==============================================================================================================
+# Part 1. The report's experiment: data and split, model, loss, training and validation, test, generation
+# ==============================================================================================================
 
-# cuBLAS is deterministic only with this workspace setting, read when CUDA starts (before any GPU work here).
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-# The report's architecture (section 1 and Figure 1); train's flags build the variants of its claims.
-MODEL_DEFAULTS = {
-    "latent_dim": 64,  # size of z (section 1.2; its code's encoder_fc_out_size)
-    "hidden_size": 64,  # LSTM units per direction ("64 is selected as hidden size", section 1.1; its code's zdim)
-    "bidirectional": True,  # the rows read from top and from bottom (section 1.1; its code's bidirect)
+CONFIG = {  # every setting a run's numbers depend on: train's flags, stored in each checkpoint, the report's here
+    "bidirectional": True,  # the rows read from the top and from the bottom (section 1.1; its code's bidirect)
     "encoder_fc": True,  # linear layers from the LSTM's final states to mu and log sigma^2 (section 1.1)
     "decoder_fc": True,  # Linear(latent_dim, 64) + ReLU before the transposed convolutions (section 1.3)
+    "latent_dim": 64,  # size of z (section 1.2; its code's encoder_fc_out_size)
+    "hidden_size": 64,  # LSTM units per direction ("64 is selected as hidden size", section 1.1; its code's zdim)
+    "binarize": False,  # binary pixels, as in the VAE papers (beyond the report)
+    "epochs": 50,  # at most (section 2)
+    "patience": 10,  # early stopping: epochs without a better validation total
+    "batch_size": 64,  # training images per Adam step
+    "lr": 1e-3,  # Adam's learning rate
+    "val_fraction": 0.1,  # of MNIST's 60,000 training images, held out for validation ...
+    "split_seed": 3136,  # ... by NumPy's legacy shuffle from this seed
+    "seed": 0,  # torch's: initial weights, batch order, noise (the report's code set none)
+    "kl_weight": 1.0,  # weight of the KL term, the report code's 1 + gamma
 }
-CONFIG_DEFAULTS = {**MODEL_DEFAULTS, "binarize": False}  # what a checkpoint without these keys was trained with
-BINARIZE_SEED = 0  # a binarized model's validation and test images are drawn once, from this seed
-EVAL_BATCH_SIZE = 1000  # evaluation holds no gradients, so it can take big batches
+EVAL_BATCH_SIZE = 1000  # evaluation holds no gradients, so it takes big batches
 EVAL_SEED = 0  # evaluation draws its z from this seed: one checkpoint, one set of numbers
-IW_MEANING = {  # what evaluate's importance-weighted figure is, written beside it in evaluation.json
-    "iw_nll": "-log p(x) of the binarized images in nats, the figure VAE papers report: the importance-weighted "
-              "estimate of Burda et al. (2016), an upper bound that tightens as K grows",
-    "iw_bound": "an importance-weighted bound of the report's objective on grey-level pixels, not a log-likelihood: "
-                "the Bernoulli likelihood behind the BCE is a distribution over binary images only (Loaiza-Ganem "
-                "& Cunningham, 2019); train --binarize for a -log p(x) comparable with published figures",
-}
-IW_CODES = 100_000  # the importance-weighted estimate draws K codes per image for this many at a time (26 MB), then
-IW_CHUNK = {"cpu": 500}  # decodes them this many at a time: on the CPU 10,000 run slower per code (docs/study.md);
-IW_CHUNK_ACCELERATOR = 20_000  # a GPU runs a few big launches faster than many small ones
-CUDA_PRECISION = "float32, TF32 off, deterministic algorithms"  # how --device cuda computes (resolve_device)
-REPORT_RESULTS = {  # the report's table (section 3), per image, for the closing summary
-    "train": {"bce": 76.97, "kl": 19.74, "total": 96.71},
-    "val": {"bce": 77.73, "kl": 19.62, "total": 97.35},
-    "test": {"bce": 78.04, "kl": 19.53, "total": 97.57},
-}
-MNIST_FILES = [f"{kind}-{part}-ubyte" for kind in ("train", "t10k") for part in ("images-idx3", "labels-idx1")]
 
-
-class UserError(Exception):
-    """A problem the user can fix (a path, a number, a file): reported in one line, no traceback."""
-
-
-class WriteError(UserError):
-    """The operating system refused to store a file (a full disk, a read-only file system, a lost
-    permission): reported with what the run left intact and how to go on."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, how schedulers (SLURM, Kubernetes, systemd) stop a job, raised where the program is,
-    as Ctrl-C raises KeyboardInterrupt: both take the same way out, through the normal flow."""
-
-
-def raise_terminated(signum, frame):
-    """The SIGTERM handler: it only raises, and touches no file. A repeated SIGTERM is ignored, so that
-    it cannot cut short the way out (SIGKILL still stops the process)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated
-
-
-def gist(error):
-    """The first sentence of a library's error message that says something, for a one-line report
-    (skipping headings such as "Error(s) in loading state_dict for VAE:")."""
-    lines = [line for line in map(str.strip, str(error).splitlines()) if line and not line.endswith(":")]
-    return (lines or [type(error).__name__])[0].split(". ")[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Files: each one written whole or not at all; checkpoints read without running their code
-
-def write_atomically(path, write):
-    """Call write(binary_file) on a file in memory, then store its bytes through a temporary file beside
-    `path` renamed over it: a kill at any moment leaves the old file or the new one, never half of one.
-    The file gets the mode open() gives under the user's umask (0644 under umask 022). If the system
-    cannot store it (say the disk is full), no temporary file stays and the old file is untouched."""
-    buffer = io.BytesIO()
-    write(buffer)  # in memory first, so that a full disk fails in plain file I/O, not inside torch.save
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # no other live process has this name
-    try:
-        with open(temporary, "wb") as file:
-            file.write(buffer.getbuffer())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise WriteError(f"cannot write {path}: {error.strerror or error}") from None
-        raise
-
-
-def write_json(data, path):
-    write_atomically(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
-
-
-def write_csv(rows, path):
-    """A list of dicts with the same keys as a CSV file with a header."""
-    def write(file):
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        file.write(text.getvalue().encode())
-
-    write_atomically(path, write)
-
-
-def save_checkpoint(checkpoint, path):
-    write_atomically(path, lambda file: torch.save(checkpoint, file))
-
-
-def read_checkpoint(path):
-    """torch.load with weights_only=True: a pickle that carries code is refused, never run."""
-    if not Path(path).is_file():
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        with warnings.catch_warnings():  # a refused file is reported below, in one line
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # not a pickle, or one that carries code
-        raise UserError(f"cannot read the checkpoint {path}: torch.load(weights_only=True) refused it, as it holds "
-                        f"more than tensors and plain data (nothing in it was run)") from None
-    except Exception as error:  # truncated, or not a torch file at all
-        raise UserError(f"cannot read the checkpoint {path}: it is not a whole file written by torch.save "
-                        f"({gist(error)})") from None
-
-
-def picture_format(path):
-    """The format a picture's suffix names, as PIL calls it ("PNG", "JPEG", ...); a suffix that PIL cannot
-    write a grid of digits in is the user's error."""
-    name = Image.registered_extensions().get(Path(path).suffix.lower())
-    try:
-        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=name)  # some formats take only other modes
-    except (KeyError, ValueError, OSError):
-        raise UserError(f"cannot write a picture named {path}: its suffix names no format that PIL can write "
-                        f"the digits in (use .png, .jpg, .webp, .tiff, .bmp, .gif or .pdf)") from None
-    return name
-
-
-def save_grid(images, path, nrow):
-    name = picture_format(path)
-    write_atomically(path, lambda file: torchvision.utils.save_image(images, file, nrow=nrow, format=name, padding=2,
-                                                                      pad_value=0.5))
-
-
-def figure_format(path):
-    """The format a plot's suffix names, as matplotlib calls it; one it cannot write is the user's error."""
-    name = Path(path).suffix[1:].lower()
-    if name not in FigureCanvasAgg.get_supported_filetypes():
-        raise UserError(f"cannot write a figure named {path}: matplotlib writes no format of that suffix "
-                        f"(use .png, .pdf, .svg or .jpg)")
-    return name
-
-
-def save_figure(figure, path):
-    figure.tight_layout()
-    write_atomically(path, lambda file: figure.savefig(file, format=figure_format(path), dpi=100))
-    plt.close(figure)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data and split (report, section 2)
+# ------------------------------------------------------------------------------------- Data and split (section 2)
 
 def load_mnist(data_dir, train, labels=False):
-    """MNIST's 60,000 training or 10,000 test images as one (N, 28, 28) float tensor in [0, 1],
-    the values ToTensor gives, held in memory so that batches are cut by indexing; with
-    labels=True, also their digits, an (N,) integer tensor."""
+    """MNIST's training or test images as one (N, 28, 28) tensor in [0, 1], in memory; with labels, their digits."""
     try:
         dataset = torchvision.datasets.MNIST(root=data_dir, train=train, download=True)
     except Exception as error:  # missing files and no network, or truncated or corrupt files
@@ -220,34 +70,21 @@ def load_mnist(data_dir, train, labels=False):
         reason = f"{len(missing)} of its files missing, and downloading them failed" if missing else gist(error)
         raise UserError(f"cannot read MNIST from {raw} ({reason}); it needs the four files "
                         f"{', '.join(MNIST_FILES)} there (pass --data-dir to point at them)") from None
-    images = dataset.data
-    if images.dim() != 3 or images.shape[1:] != (28, 28) or len(images) != len(dataset.targets):
-        raise UserError(f"{dataset.raw_folder} does not hold MNIST: images of shape {tuple(images.shape)}")
-    return (images.float().div(255), dataset.targets) if labels else images.float().div(255)
+    if dataset.data.shape[1:] != (28, 28) or len(dataset.data) != len(dataset.targets):
+        raise UserError(f"{dataset.raw_folder} does not hold MNIST: images of shape {tuple(dataset.data.shape)}")
+    images = dataset.data.float().div(255)
+    return (images, dataset.targets) if labels else images
 
 
 def split_indices(n=60000, val_fraction=0.1, seed=3136):
-    """The report's split: NumPy's legacy shuffle of range(n) seeded with 3136, the first 10%
-    for validation. A RandomState draws exactly what np.random.seed + np.random.shuffle drew."""
+    """The report's split: NumPy's legacy shuffle of range(n) from `seed`, the first 10% for validation."""
     indices = list(range(n))
     np.random.RandomState(seed).shuffle(indices)
     n_val = int(np.floor(val_fraction * n))
     return indices[n_val:], indices[:n_val]
 
 
-def binarize_once(images):
-    """Binary pixels drawn once as Bernoulli(grey value) from a fixed seed: how a binarized model's
-    validation and test images are measured, so that one checkpoint always gives the same numbers."""
-    return torch.bernoulli(images, generator=torch.Generator().manual_seed(BINARIZE_SEED))
-
-
-def as_measured(images, config):
-    """A split as a model of this config is measured on: grey levels, or binarized once."""
-    return binarize_once(images) if config["binarize"] else images
-
-
 def load_train_val(data_dir, val_fraction, split_seed):
-    """The training and validation images, both cut from MNIST's training set."""
     images = load_mnist(data_dir, train=True)
     train_idx, val_idx = split_indices(len(images), val_fraction, split_seed)
     if not train_idx or not val_idx:
@@ -255,29 +92,27 @@ def load_train_val(data_dir, val_fraction, split_seed):
     return images[train_idx], images[val_idx]
 
 
-# ----------------------------------------------------------------------------------------------
-# Model (report, section 1 and Figure 1)
+# ------------------------------------------------------------------------------------ Model (section 1, Figure 1)
 
 class VAE(nn.Module):
-    """The report's model; the arguments (MODEL_DEFAULTS) build the variants its code could build
-    (bidirect, zdim, encoder_fc_out_size) and its first encoder and decoder, under the same names."""
+    """The report's model, or the variant a run's config names, with the layer names of the report's code."""
 
-    def __init__(self, latent_dim=64, hidden_size=64, bidirectional=True, encoder_fc=True, decoder_fc=True):
+    def __init__(self, config=CONFIG):
         super().__init__()
-        if not encoder_fc and not (bidirectional and latent_dim == hidden_size):
-            raise ValueError("without encoder_fc, mu and log sigma^2 are the final states of the two directions: "
-                             "it needs bidirectional=True and latent_dim == hidden_size")
-        self.latent_dim, self.encoder_fc = latent_dim, encoder_fc
+        if design_error(config):
+            raise ValueError(design_error(config))
+        latent_dim, hidden_size, self.encoder_fc = config["latent_dim"], config["hidden_size"], config["encoder_fc"]
+        self.latent_dim = latent_dim
         # Encoder: the 28 image rows are the LSTM's sequence of 28-pixel steps.
-        self.encoder_lstm = nn.LSTM(28, hidden_size, batch_first=True, bidirectional=bidirectional)
-        if encoder_fc:
-            final_states = hidden_size * (2 if bidirectional else 1)
+        self.encoder_lstm = nn.LSTM(28, hidden_size, batch_first=True, bidirectional=config["bidirectional"])
+        if self.encoder_fc:
+            final_states = hidden_size * (2 if config["bidirectional"] else 1)
             self.encoder_mu = nn.Linear(final_states, latent_dim)
             self.encoder_logvar = nn.Linear(final_states, latent_dim)
-        # Decoder: z -> 64x1x1 (or latent_dim x 1 x 1 without decoder_fc) -> 4x4 -> 7x7 -> 14x14 -> 28x28.
-        self.decoder_fc = nn.Linear(latent_dim, 64) if decoder_fc else None
+        # Decoder: z -> 64x1x1 (latent_dim x 1 x 1 without decoder_fc) -> 4x4 -> 7x7 -> 14x14 -> 28x28.
+        self.decoder_fc = nn.Linear(latent_dim, 64) if config["decoder_fc"] else None
         self.decoder_list = nn.ModuleList([
-            nn.ConvTranspose2d(64 if decoder_fc else latent_dim, 64, kernel_size=4, stride=1),
+            nn.ConvTranspose2d(64 if config["decoder_fc"] else latent_dim, 64, kernel_size=4, stride=1),
             nn.ConvTranspose2d(64, 32, kernel_size=4, stride=1),
             nn.ConvTranspose2d(32, 16, kernel_size=4, stride=2, padding=1),
             nn.ConvTranspose2d(16, 1, kernel_size=4, stride=2, padding=1),
@@ -292,8 +127,8 @@ class VAE(nn.Module):
         return self.encoder_mu(final_states), self.encoder_logvar(final_states)
 
     def reparametrize(self, mu, logvar, generator=None):
-        """z = mu + sigma * eps, eps ~ N(0, I); a (CPU) generator makes eps reproducible on any device."""
-        eps = torch.randn(mu.shape, device=mu.device) if generator is None else cpu_normal(mu.shape, generator, mu.device)
+        """z = mu + sigma * eps, eps ~ N(0, I); a (CPU) generator makes eps the same on every device."""
+        eps = torch.randn_like(mu) if generator is None else cpu_normal(mu.shape, generator, mu.device)
         return mu + torch.exp(0.5 * logvar) * eps
 
     def decode(self, z):
@@ -308,25 +143,30 @@ class VAE(nn.Module):
         return self.decode(self.reparametrize(mu, logvar, generator)), mu, logvar
 
 
+def design_error(config):
+    """Why the model of a config cannot be built, or None."""
+    if not config["encoder_fc"] and not config["bidirectional"]:
+        return ("--no-encoder-fc takes mu and log sigma^2 from the two directions: it needs the bidirectional "
+                "LSTM, not --unidirectional")
+    if not config["encoder_fc"] and config["latent_dim"] != config["hidden_size"]:
+        return (f"--no-encoder-fc makes z the LSTM's final state, so --latent-dim must equal --hidden-size "
+                f"({config['latent_dim']} and {config['hidden_size']} given)")
+    return None
+
+
 def cpu_normal(shape, generator, device):
-    """N(0, 1) draws from a seeded CPU generator, moved to `device`: CPU, CUDA and MPS draw other numbers from
-    one seed, so whatever a user reads (losses, digits, estimates) is drawn here, the same on every device."""
+    """N(0, 1) draws from a seeded CPU generator, moved to `device`. CPU, CUDA and MPS draw other numbers from
+    one seed, so whatever a user reads (losses, digits, estimates) is drawn here: the same on every device."""
     return torch.randn(shape, generator=generator).to(device)
 
 
-def build_model(config):
-    """The model of a run's config (a checkpoint's, or train's flags)."""
-    return VAE(**{name: config[name] for name in MODEL_DEFAULTS})
-
-
 def load_model(path, device):
-    """The model of a checkpoint written by `train`, or of a bare state_dict saved by the
-    report's code (same parameter names), with the checkpoint's config beside it."""
+    """The model and config of a checkpoint of train's, or of a bare state_dict of the report's code."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}")
-    config = {**CONFIG_DEFAULTS, **checkpoint.get("config", {})}  # a bare state_dict is the report's model
-    model = build_model(config)
+    config = {**CONFIG, **checkpoint.get("config", {})}
+    model = VAE(config)
     try:
         model.load_state_dict(checkpoint.get("model", checkpoint))
     except (RuntimeError, TypeError) as error:
@@ -336,33 +176,28 @@ def load_model(path, device):
     return model.to(device), config
 
 
-# ----------------------------------------------------------------------------------------------
-# Loss (report, section 1.4; the report's KL formula has a typo, its code's is this one)
+# ------------------------------------- Loss (section 1.4; the report's KL formula has a typo, its code's is this)
 
 def kl_per_dimension(mu, logvar):
-    """KL(q(z|x) || N(0, I)) in closed form, for each image and latent dimension: -1/2 (1 + log sigma^2
-    - mu^2 - sigma^2), the same shape as mu."""
+    """KL(q(z|x) || N(0, I)) per image and latent dimension: -1/2 (1 + log sigma^2 - mu^2 - sigma^2)."""
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
 
 
 def vae_loss(recon, x, mu, logvar, kl_weight=1.0):
-    """(total, bce, kl), each summed over the batch: BCE over pixels, plus the closed-form
-    KL(q(z|x) || N(0, I)). kl_weight is the report code's (1 + gamma) hook."""
+    """(total, bce, kl), each summed over the batch: BCE over pixels, plus the closed-form KL."""
     bce = F.binary_cross_entropy(recon, x.reshape(recon.shape), reduction="sum")
     kl = kl_per_dimension(mu, logvar).sum()
     return bce + kl_weight * kl, bce, kl
 
 
 def per_image(batch_losses, n_images):
-    """(batches, 3) float32 sums of (total, bce, kl), on any device -> per-image losses, summed in float64 on
-    the host (MPS has no float64). The report divided by batches x 64, which overcounts the images of a short
-    last batch; this divides by the images actually seen."""
+    """(batches, 3) sums of (total, bce, kl) on any device -> per-image losses, summed in float64 on the host (MPS
+    has none). The report divided by batches x 64, too many images for a short last batch: too small a loss."""
     total, bce, kl = (sum(column) / n_images for column in batch_losses.cpu().T.tolist())
     return {"bce": bce, "kl": kl, "total": total}
 
 
-# ----------------------------------------------------------------------------------------------
-# Training and validation (report, section 2)
+# ------------------------------------------------------------ Training, validation and early stopping (section 2)
 
 class EarlyStopping:
     """Counts the epochs since the best validation total; the report's code counted but never stopped."""
@@ -383,11 +218,6 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
 
-def diverged(epoch, batch, n_batches, symptom):
-    return UserError(f"training diverged in epoch {epoch}, batch {batch} of {n_batches}: {symptom}; stopped, "
-                     f"the saved checkpoints are as they were (a smaller --lr may help)")
-
-
 def train_step(model, optimizer, x, kl_weight):
     """One Adam step on a batch. Its (total, bce, kl) and whether its reconstructions were finite stay on the
     device, read once an epoch: reading them here would make a GPU wait at every step."""
@@ -402,9 +232,8 @@ def train_step(model, optimizer, x, kl_weight):
 
 
 def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch, binarize=False):
-    """One pass over the training images in a fresh random order; per-image losses. With binarize, each
-    image's pixels are drawn afresh as Bernoulli(grey value) every time it is used (Burda et al., 2016).
-    A non-finite step stops the run at the epoch's end, naming the first bad batch."""
+    """One pass in a fresh random order, with binarize each pixel drawn afresh as Bernoulli(grey value) (Burda et
+    al., 2016); per-image losses. A step that is not finite stops the run at the epoch's end, naming its batch."""
     model.train()
     batches = torch.randperm(len(images)).to(images.device).split(batch_size)
     steps = [train_step(model, optimizer, torch.bernoulli(images[index]) if binarize else images[index], kl_weight)
@@ -415,7 +244,8 @@ def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch, binarize
     if bad:
         symptom = (f"the loss is {batch_losses[bad[0], 0].item()}" if finite[bad[0]] else
                    "the reconstructions hold NaN or inf")
-        raise diverged(epoch, bad[0] + 1, len(batches), symptom)
+        raise UserError(f"training diverged in epoch {epoch}, batch {bad[0] + 1} of {len(batches)}: {symptom}; "
+                        f"stopped, the saved checkpoints are as they were (a smaller --lr may help)")
     return per_image(batch_losses, len(images))
 
 
@@ -434,98 +264,31 @@ def evaluate(model, images, kl_weight=1.0):
     generator, batch_losses = torch.Generator().manual_seed(EVAL_SEED), []
     for x, mu, logvar in zip(images.split(EVAL_BATCH_SIZE), mus.split(EVAL_BATCH_SIZE), logvars.split(EVAL_BATCH_SIZE)):
         recon = model.decode(model.reparametrize(mu, logvar, generator))
-        if not torch.isfinite(recon).all():  # weights made NaN by a diverging step, or a damaged checkpoint
+        if not torch.isfinite(recon).all():  # a damaged checkpoint; BCE would refuse these
             raise UserError("the model's reconstructions hold NaN or inf: its weights are not finite")
         batch_losses.append(torch.stack(vae_loss(recon, x, mu, logvar, kl_weight)))
     return per_image(torch.stack(batch_losses), len(images))
 
 
-def checkpoint_config(args):
-    """Everything that shapes a run's results; stored in every checkpoint."""
-    names = ("latent_dim", "hidden_size", "binarize", "epochs", "patience", "batch_size", "lr", "val_fraction",
-             "split_seed", "seed", "kl_weight")
-    return {"bidirectional": not args.unidirectional, "encoder_fc": not args.no_encoder_fc,
-            "decoder_fc": not args.no_decoder_fc, **{name: getattr(args, name) for name in names}}
-
-
-def machine(device):
-    """Where the numbers come from: the same seed gives other numbers on another device or torch build."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.is_file() else []
-    cpu = names[0] if names else platform.processor() or platform.machine()
-    where = {"device": cpu, "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        where.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                     cudnn=torch.backends.cudnn.version(), precision=CUDA_PRECISION)
-    elif device.type == "mps":
-        where.update(device=f"Apple MPS ({platform.machine()})", precision="float32")
-    return where
-
-
-def rng_states(device):
-    """The random states that a resumed run needs: the CPU's (batch order) and the training device's (noise)."""
-    states = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        states["mps"] = torch.mps.get_rng_state()
-    return states
-
-
-def restore_rng_states(states, device):
-    torch.set_rng_state(states["cpu"])
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
-    elif device.type == "mps" and "mps" in states:
-        torch.mps.set_rng_state(states["mps"])
-    trained_on = next((kind for kind in states if kind != "cpu"), "cpu")
-    if trained_on != device.type:
-        print(f"note: this run was trained on {trained_on.upper()} and goes on on {device.type.upper()}, which draws "
-              f"other random numbers: its results will differ from an uninterrupted run's", flush=True)
-
-
-def resumable_state(args, out):
-    """last.pt of the run that --resume continues, read before any data: refused if it was trained with
-    other settings, or for more epochs than --epochs. A larger --epochs trains the extra epochs."""
-    state = read_checkpoint(out / "last.pt")
-    if not isinstance(state, dict) or "config" not in state:
-        raise UserError(f"{out / 'last.pt'} is not a run's last.pt")
-    there = {**CONFIG_DEFAULTS, **state["config"]}
-    changed = [f"{name} {there.get(name)} there, {value} here"
-               for name, value in checkpoint_config(args).items() if name != "epochs" and there.get(name) != value]
-    if changed:
-        raise UserError(f"--resume: {out} was trained with other settings ({'; '.join(changed)})")
-    if state["epoch"] > args.epochs:
-        raise UserError(f"--resume: {out} has trained {state['epoch']} epochs already, more than --epochs "
-                        f"{args.epochs}")
-    return state
-
-
-def start_or_resume(args, model, optimizer, state):
-    """(first epoch to run, history, early stopping): a fresh start, or the state of last.pt."""
-    if state is None:
-        return 1, [], EarlyStopping(args.patience)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    restore_rng_states(state["rng"], next(model.parameters()).device)
-    return state["epoch"] + 1, state["history"], EarlyStopping(args.patience, state["best_val"], state["bad_epochs"])
-
-
-def fit(args, model, train_images, val_images, out, state=None):
+def fit(config, model, train_images, val_images, out, state=None):
     """Train with early stopping on the validation total, from scratch or from the state of last.pt;
-    best_model.pt keeps the best epoch, last.pt everything needed to resume. Returns the history and
-    why training stopped."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
-    first_epoch, history, stopper = start_or_resume(args, model, optimizer, state)
-    config = checkpoint_config(args)
-    for epoch in range(first_epoch, args.epochs + 1):
+    best_model.pt keeps the best epoch, last.pt everything needed to resume. The history, and why it stopped."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], fused=True)
+    first_epoch, history, stopper = 1, [], EarlyStopping(config["patience"])
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng_states(state["rng"], train_images.device)
+        first_epoch, history = state["epoch"] + 1, state["history"]
+        stopper = EarlyStopping(config["patience"], state["best_val"], state["bad_epochs"])
+    for epoch in range(first_epoch, config["epochs"] + 1):
         if stopper.should_stop:
             break
         start = time.perf_counter()
-        train = train_epoch(model, optimizer, train_images, args.batch_size, args.kl_weight, epoch, args.binarize)
+        train = train_epoch(model, optimizer, train_images, config["batch_size"], config["kl_weight"], epoch,
+                            config["binarize"])
         train_seconds = time.perf_counter() - start
-        val = evaluate(model, val_images, args.kl_weight)
+        val = evaluate(model, val_images, config["kl_weight"])
         improved = stopper.step(val["total"])
         if improved:
             save_checkpoint({"config": config, "model": model.state_dict(), "epoch": epoch, "val_loss": val["total"]},
@@ -535,16 +298,15 @@ def fit(args, model, train_images, val_images, out, state=None):
                         "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
         save_checkpoint({"config": config, "epoch": epoch, "model": model.state_dict(),
                          "optimizer": optimizer.state_dict(), "best_val": stopper.best,
-                         "bad_epochs": stopper.bad_epochs, "history": history,
-                         "rng": rng_states(train_images.device)},
+                         "bad_epochs": stopper.bad_epochs, "history": history, "rng": rng_states(train_images.device)},
                         out / "last.pt")
         write_csv(history, out / "history.csv")
-        print(f"epoch {epoch:2d}/{args.epochs}  train bce {train['bce']:6.2f} kl {train['kl']:5.2f} "
+        print(f"epoch {epoch:2d}/{config['epochs']}  train bce {train['bce']:6.2f} kl {train['kl']:5.2f} "
               f"total {train['total']:6.2f}  |  val bce {val['bce']:6.2f} kl {val['kl']:5.2f} "
               f"total {val['total']:6.2f}  {history[-1]['seconds']:5.1f}s{'  best' if improved else ''}", flush=True)
     if stopper.should_stop:
-        return history, f"early stopping: no better validation total in {args.patience} epochs"
-    return history, f"reached --epochs {args.epochs}"
+        return history, f"early stopping: no better validation total in {config['patience']} epochs"
+    return history, f"reached --epochs {config['epochs']}"
 
 
 def plot_losses(history, best_epoch, path):
@@ -561,16 +323,27 @@ def plot_losses(history, best_epoch, path):
     save_figure(figure, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Test (report, section 3): the best model, under torch.no_grad(), never a gradient step
+# ------------------------------------------ Test (section 3): the best model, under torch.no_grad(), never a step
+
+REPORT_RESULTS = {  # the report's table (section 3), per image
+    "train": {"bce": 76.97, "kl": 19.74, "total": 96.71},
+    "val": {"bce": 77.73, "kl": 19.62, "total": 97.35},
+    "test": {"bce": 78.04, "kl": 19.53, "total": 97.57},
+}
+
+
+def measure_best_model(out, splits, device, kl_weight):
+    """The best model, not the last (a report bug), and its per-image losses on each split."""
+    model, _ = load_model(out / "best_model.pt", device)
+    return model, {split: evaluate(model, images, kl_weight) for split, images in splits.items()}
+
 
 @torch.no_grad()
 def save_reconstructions(model, images, path, n=10):
     """The report's Figures 3 and 4: n originals above their reconstructions."""
     model.eval()
-    x = images[:n]
-    recon, _, _ = model(x, torch.Generator().manual_seed(EVAL_SEED))
-    save_grid(torch.cat([x.reshape(-1, 1, 28, 28), recon]).cpu(), path, nrow=n)
+    recon, _, _ = model(images[:n], torch.Generator().manual_seed(EVAL_SEED))
+    save_grid(torch.cat([images[:n].reshape(-1, 1, 28, 28), recon]).cpu(), path, nrow=n)
 
 
 def summary_table(results):
@@ -582,40 +355,108 @@ def summary_table(results):
     return "\n".join(lines)
 
 
-def evaluate_command(args):
-    device = resolve_device(args.device)
-    model, config = load_model(args.checkpoint, device)
-    json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "evaluation.json"
-    check_out_dir(json_path.parent)
-    if args.split == "test":
-        images = load_mnist(args.data_dir, train=False)
-    else:
-        splits = load_train_val(args.data_dir, config.get("val_fraction", 0.1), config.get("split_seed", 3136))
-        images = splits[args.split == "val"]
-    images = as_measured(images, config).to(device)
-    evaluation = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(images),
-                  "binarize": config["binarize"], **evaluate(model, images, config.get("kl_weight", 1.0)),
-                  "machine": machine(device)}
-    line = (f"{args.split}: {len(images)}{' binarized' if config['binarize'] else ''} images, per image: "
-            f"BCE {evaluation['bce']:.2f}, KL {evaluation['kl']:.2f}, total {evaluation['total']:.2f}")
-    if args.iw_samples > 1:
+# ------------------------------- Generation (the report's generator.py, which repeated the config, saved nothing)
+
+@torch.no_grad()
+def sample_digits(model, n, seed):
+    """Decode n draws of z ~ N(0, I), drawn from `seed` on the CPU: (n, 1, 28, 28) on the CPU."""
+    model.eval()
+    z = cpu_normal((n, model.latent_dim), torch.Generator().manual_seed(seed), next(model.parameters()).device)
+    return model.decode(z).cpu()
+
+
+def generate(args):
+    model, _ = load_model(args.checkpoint, resolve_device(args.device))
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "generated.png"
+    picture_format(out)
+    check_out_dir(out.parent)
+    save_grid(sample_digits(model, args.n, args.seed), out, args.nrow)
+    print(f"{args.n} generated digits written to {out}")
+
+
+# ----------------------------------------------- The train command: train and validate, test the best model, draw
+
+def train(args):
+    out, config = Path(args.out), config_of(args)
+    with claim_run_folder(out, args.resume):
+        device = resolve_device(args.device)
+        torch.manual_seed(config["seed"])
+        state = resumable_state(config, out) if args.resume else None
+        if state and state["bad_epochs"] >= config["patience"]:
+            print(f"early stopping ended this run at epoch {state['epoch']} (no better validation total in "
+                  f"{config['patience']} epochs): nothing more to train; its best model is tested again", flush=True)
+        train_images, val_images = load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])
+        test_images, test_labels = load_mnist(args.data_dir, train=False, labels=True)
+        # The losses are measured on `measured`; with --binarize, training draws its binary pixels afresh.
+        measured = {split: as_measured(images, config).to(device)
+                    for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
+        train_images = train_images.to(device) if config["binarize"] else measured["train"]
+        print(f"{len(train_images)} training, {len(measured['val'])} validation, {len(measured['test'])} test images"
+              f"{' (binarized)' if config['binarize'] else ''}; device {device} ({machine(device)['device']}); "
+              f"writing to {out}", flush=True)
+
+        history, stop_reason = fit(config, VAE(config).to(device), train_images, measured["val"], out, state)
+
         start = time.perf_counter()
-        estimate = importance_weighted_nll(model, images, args.iw_samples).mean().item()
-        key = "iw_nll" if config["binarize"] else "iw_bound"
-        evaluation.update({"iw_samples": args.iw_samples, key: estimate, "iw_meaning": IW_MEANING[key],
-                           "iw_seconds": time.perf_counter() - start})
-        line += (f"; -log p(x) ~ {estimate:.2f} nats (importance-weighted, K={args.iw_samples})" if config["binarize"]
-                 else f"; importance-weighted bound of the report's objective {estimate:.2f} (K={args.iw_samples}; "
-                      f"not -log p(x): grey-level pixels, see README)")
-    write_json(evaluation, json_path)
-    print(f"{line}\nwritten to {json_path}")
+        model, results = measure_best_model(out, measured, device, config["kl_weight"])
+        best = min(history, key=lambda row: row["val_total"])["epoch"]  # the first best, as early stopping saw it
+        train_seconds = sum(row["train_seconds"] for row in history)
+        results.update(best_epoch=best, epochs_run=len(history), stop_reason=stop_reason,
+                       seconds=sum(row["seconds"] for row in history) + time.perf_counter() - start,
+                       seconds_per_epoch=sum(row["seconds"] for row in history) / len(history),
+                       train_images_per_second=len(train_images) * len(history) / train_seconds,
+                       parameters=sum(parameter.numel() for parameter in model.parameters()), machine=machine(device),
+                       config=config)
+        write_json(results, out / "results.json")
+        plot_losses(history, best, out / "loss_plot.png")
+        save_reconstructions(model, measured["train"], out / "train_reconstruction.png")
+        save_reconstructions(model, measured["test"], out / "test_reconstruction.png")
+        save_grid(sample_digits(model, 100, config["seed"]), out / "generated.png", nrow=10)
+        exploration = explore(model, measured["test"], test_labels, out, out / "best_model.pt")
+    print(f"\n{stop_reason}; best epoch {best} of {len(history)}; {results['seconds']:.0f}s, "
+          f"{results['train_images_per_second']:.0f} training images/s")
+    print(f"per-image losses of the best model (nats):\n{summary_table(results)}")
+    print(active_units_line(exploration))
+    print(f"written to {out}: best_model.pt, last.pt, history.csv, results.json, loss_plot.png, "
+          f"train_reconstruction.png, test_reconstruction.png, generated.png, {', '.join(EXPLORATION_FILES)}")
+
+
+# ==============================================================================================================
+# Part 2. Beyond the report: binarized MNIST and the likelihood, the latent space, comparing runs
+# ==============================================================================================================
+
+# --------------------------------------------------------- Binarized MNIST (Burda et al., 2016; train --binarize)
+
+BINARIZE_SEED = 0  # a binarized model's validation and test images are drawn once, from this seed
+
+
+def binarize_once(images):
+    """Binary pixels drawn once as Bernoulli(grey value) from a fixed seed, on the CPU: how a binarized model's
+    validation and test images are measured, so that one checkpoint always gives the same numbers."""
+    return torch.bernoulli(images, generator=torch.Generator().manual_seed(BINARIZE_SEED))
+
+
+def as_measured(images, config):
+    """A split as a model of this config is measured on: grey levels, or binarized once."""
+    return binarize_once(images) if config["binarize"] else images
+
+
+# ------------------------------------------------------- The importance-weighted estimate (evaluate --iw-samples)
+
+IW_MEANING = {  # what evaluate's importance-weighted figure is, written beside it in evaluation.json
+    "iw_nll": "-log p(x) of the binarized images in nats, the figure VAE papers report: the importance-weighted "
+              "estimate of Burda et al. (2016), an upper bound that tightens as K grows",
+    "iw_bound": "an importance-weighted bound of the report's objective on grey-level pixels, not a log-likelihood: "
+                "the Bernoulli likelihood behind the BCE is a distribution over binary images only (Loaiza-Ganem "
+                "& Cunningham, 2019); train --binarize for a -log p(x) comparable with published figures",
+}
+IW_CODES = 100_000  # K codes per image are drawn for this many codes at a time (26 MB), then decoded
+IW_CHUNK = {"cpu": 500, "gpu": 20_000}  # this many at a time: on a CPU 10,000 run slower per code (docs/study.md)
 
 
 def fast_decoder(model):
-    """model.decode for many codes in eval, equal to it within float rounding and about twice as fast on the
-    CPU (README, Speed): the first transposed convolution, whose input is 1x1, as one matrix product; the
-    middle ones in the channels-last layout; the last, with one output channel, without oneDNN, whose
-    kernel for it is five times slower than PyTorch's own."""
+    """model.decode in eval, equal within float rounding, twice as fast on a CPU (docs/study.md, Speed): the first
+    convolution (of a 1x1 input) as a matrix product, the middle ones channels-last, the last without oneDNN."""
     first, *middle, last = copy.deepcopy(model.decoder_list).eval()
     weight, bias = first.weight.flatten(1), first.bias.repeat_interleave(first.weight[0, 0].numel())
     middle = [layer.to(memory_format=torch.channels_last) for layer in middle]
@@ -635,10 +476,8 @@ def fast_decoder(model):
 
 @torch.no_grad()
 def log_importance_weights(model, x, n_samples, generator, chunk, decode=None):
-    """log p(x|z) + log p(z) - log q(z|x) for n_samples z ~ q(z|x) per image: (B, n_samples), from one
-    draw of eps, (B, n_samples, latent_dim), from a CPU generator. The codes are decoded `chunk` at a time,
-    by `decode` (model.decode unless given)."""
-    decode = decode or model.decode
+    """log p(x|z) + log p(z) - log q(z|x) for n_samples z ~ q(z|x) per image, (B, n_samples), from one draw
+    of eps on the CPU generator; the codes are decoded `chunk` at a time by `decode` (model.decode by default)."""
     mu, logvar = model.encode(x)
     eps = cpu_normal((len(x), n_samples, mu.shape[1]), generator, x.device)
     z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
@@ -647,19 +486,18 @@ def log_importance_weights(model, x, n_samples, generator, chunk, decode=None):
     codes, pixels = z.flatten(0, 1), x.reshape(len(x), -1)
     image_of_code = torch.arange(len(codes), device=x.device) // n_samples
     log_likelihood = torch.cat([
-        -F.binary_cross_entropy(decode(some).flatten(1), pixels[images], reduction="none").sum(1)
+        -F.binary_cross_entropy((decode or model.decode)(some).flatten(1), pixels[images], reduction="none").sum(1)
         for some, images in zip(codes.split(chunk), image_of_code.split(chunk))])
     return log_likelihood.view(len(x), n_samples) + log_prior_over_posterior
 
 
 @torch.no_grad()
 def importance_weighted_nll(model, images, n_samples, chunk=None):
-    """Per-image IWAE estimate of -log p(x) under the model's Bernoulli pixels: -log of the mean of K importance
-    weights, in nats (a log-likelihood of the images only where they are binary: IW_MEANING).
-    The images go in batches of about IW_CODES / K, so that their codes fit in memory for any K."""
+    """Per-image IWAE estimate of -log p(x), -log of the mean of K importance weights, in nats (a likelihood only
+    of binary images: IW_MEANING); in batches of IW_CODES / K images, so that any K fits in memory."""
     model.eval()
     decode, generator = fast_decoder(model), torch.Generator().manual_seed(EVAL_SEED)
-    chunk = chunk or IW_CHUNK.get(images.device.type, IW_CHUNK_ACCELERATOR)
+    chunk = chunk or IW_CHUNK["cpu" if images.device.type == "cpu" else "gpu"]
     estimates = []
     for x in tqdm(images.split(max(1, IW_CODES // n_samples)), desc=f"K={n_samples}", leave=False, disable=None):
         log_weights = log_importance_weights(model, x, n_samples, generator, chunk, decode)
@@ -667,83 +505,33 @@ def importance_weighted_nll(model, images, n_samples, chunk=None):
     return torch.cat(estimates)
 
 
-# ----------------------------------------------------------------------------------------------
-# The train command: train and validate, then test the best model and draw the report's figures
-
-def train(args):
-    out = Path(args.out)
-    with claim_run_folder(out, args.resume):
-        device = resolve_device(args.device)
-        torch.manual_seed(args.seed)
-        config = checkpoint_config(args)
-        state = resumable_state(args, out) if args.resume else None
-        if state and state["bad_epochs"] >= args.patience:
-            print(f"early stopping ended this run at epoch {state['epoch']} (no better validation total in "
-                  f"{args.patience} epochs): nothing more to train; its best model is tested again", flush=True)
-        train_images, val_images = load_train_val(args.data_dir, args.val_fraction, args.split_seed)
-        test_images, test_labels = load_mnist(args.data_dir, train=False, labels=True)
-        # The losses are measured on `measured`; with --binarize, training draws its binary pixels afresh.
-        measured = {split: as_measured(images, config).to(device)
-                    for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
-        train_images = train_images.to(device) if args.binarize else measured["train"]
-        print(f"{len(train_images)} training, {len(measured['val'])} validation, {len(measured['test'])} test images"
-              f"{' (binarized)' if args.binarize else ''}; device {device} ({machine(device)['device']}); writing to {out}",
-              flush=True)
-
-        history, stop_reason = fit(args, build_model(config).to(device), train_images, measured["val"], out, state)
-
+def evaluate_command(args):
+    device = resolve_device(args.device)
+    model, config = load_model(args.checkpoint, device)
+    json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "evaluation.json"
+    check_out_dir(json_path.parent)
+    images = (load_mnist(args.data_dir, train=False) if args.split == "test" else
+              load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])[args.split == "val"])
+    images = as_measured(images, config).to(device)
+    evaluation = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(images),
+                  "binarize": config["binarize"], **evaluate(model, images, config["kl_weight"]),
+                  "machine": machine(device)}
+    line = (f"{args.split}: {len(images)}{' binarized' if config['binarize'] else ''} images, per image: "
+            f"BCE {evaluation['bce']:.2f}, KL {evaluation['kl']:.2f}, total {evaluation['total']:.2f}")
+    if args.iw_samples > 1:
         start = time.perf_counter()
-        model, _ = load_model(out / "best_model.pt", device)  # the best model, not the last (a report bug)
-        best = min(history, key=lambda row: row["val_total"])["epoch"]  # the first best, as early stopping saw it
-        results = {split: evaluate(model, images, args.kl_weight) for split, images in measured.items()}
-        train_seconds = sum(row["train_seconds"] for row in history)
-        results.update(best_epoch=best, epochs_run=len(history), stop_reason=stop_reason,
-                       seconds=sum(row["seconds"] for row in history) + time.perf_counter() - start,
-                       seconds_per_epoch=sum(row["seconds"] for row in history) / len(history),
-                       train_images_per_second=len(train_images) * len(history) / train_seconds,
-                       parameters=sum(parameter.numel() for parameter in model.parameters()), machine=machine(device),
-                       config=config)
-        write_json(results, out / "results.json")
-        plot_losses(history, best, out / "loss_plot.png")
-        save_reconstructions(model, measured["train"], out / "train_reconstruction.png")
-        save_reconstructions(model, measured["test"], out / "test_reconstruction.png")
-        save_samples(model, 100, 10, args.seed, out / "generated.png")
-        exploration = explore(model, measured["test"], test_labels, out, out / "best_model.pt")
-    print(f"\n{stop_reason}; best epoch {best} of {len(history)}; {results['seconds']:.0f}s, "
-          f"{results['train_images_per_second']:.0f} training images/s")
-    print(f"per-image losses of the best model (nats):\n{summary_table(results)}")
-    print(active_units_line(exploration))
-    print(f"written to {out}: best_model.pt, last.pt, history.csv, results.json, loss_plot.png, "
-          f"train_reconstruction.png, test_reconstruction.png, generated.png, {', '.join(EXPLORATION_FILES)}")
+        estimate = importance_weighted_nll(model, images, args.iw_samples).mean().item()
+        key = "iw_nll" if config["binarize"] else "iw_bound"
+        evaluation.update({"iw_samples": args.iw_samples, key: estimate, "iw_meaning": IW_MEANING[key],
+                           "iw_seconds": time.perf_counter() - start})
+        line += (f"; -log p(x) ~ {estimate:.2f} nats (importance-weighted, K={args.iw_samples})" if config["binarize"]
+                 else f"; importance-weighted bound of the report's objective {estimate:.2f} (K={args.iw_samples}; "
+                      f"not -log p(x): grey-level pixels, see README)")
+    write_json(evaluation, json_path)
+    print(f"{line}\nwritten to {json_path}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Generation (the report's generator.py, which duplicated the config and never saved its figure)
-
-@torch.no_grad()
-def sample_digits(model, n, seed):
-    """Decode n draws of z ~ N(0, I), drawn from `seed` on the CPU: (n, 1, 28, 28) on the CPU."""
-    model.eval()
-    z = cpu_normal((n, model.latent_dim), torch.Generator().manual_seed(seed), next(model.parameters()).device)
-    return model.decode(z).cpu()
-
-
-def save_samples(model, n, nrow, seed, path):
-    """Decode n draws of z ~ N(0, I) into one grid image."""
-    save_grid(sample_digits(model, n, seed), path, nrow)
-
-
-def generate(args):
-    model, _ = load_model(args.checkpoint, resolve_device(args.device))
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "generated.png"
-    picture_format(out)
-    check_out_dir(out.parent)
-    save_samples(model, args.n, args.nrow, args.seed, out)
-    print(f"{args.n} generated digits written to {out}")
-
-
-# ----------------------------------------------------------------------------------------------
-# The latent space (beyond the report): interpolation, a map by digit, the dimensions in use
+# ------------------------------------------- The latent space: interpolation, a map by digit, the dimensions used
 
 ACTIVITY_THRESHOLD = 0.01  # Burda et al. (2016): dimension d is active when Var_x(E_q(z|x)[z_d]) > 0.01
 INTERPOLATION_STEPS = 10  # decodings between (and including) the codes of two images
@@ -751,8 +539,7 @@ EXPLORATION_FILES = ("interpolation.png", "latent_map.png", "latent_usage.png", 
 
 
 def interpolation_pairs(labels):
-    """Eight pairs of image indices: the first image of digit d, then the first of digit (d + 3) mod 10,
-    for d = 0..7, so that every digit takes part."""
+    """Eight pairs of indices, the first image of digit d and of (d + 3) mod 10 for d = 0..7: every digit is in."""
     present = set(labels.tolist())
     if present != set(range(10)):
         raise UserError(f"the test set lacks the digits {sorted(set(range(10)) - present)}: not MNIST")
@@ -762,16 +549,14 @@ def interpolation_pairs(labels):
 
 @torch.no_grad()
 def interpolate(model, mu_start, mu_end, steps=INTERPOLATION_STEPS):
-    """Decodings of z moving linearly from each mu_start to its mu_end, both included: (pairs, steps,
-    1, 28, 28). torch.lerp hits both ends exactly, so the first and last are decode(mu) of the pair."""
+    """Decodings of z moving linearly from each mu_start to its mu_end, both included: (pairs, steps, 1, 28, 28)."""
     weights = torch.linspace(0, 1, steps, device=mu_start.device).view(1, steps, 1)
     z = torch.lerp(mu_start.unsqueeze(1), mu_end.unsqueeze(1), weights)
     return model.decode(z.flatten(0, 1)).unflatten(0, (len(mu_start), steps))
 
 
 def principal_components(codes, n=2):
-    """The codes projected on their first n principal components (an SVD of the centred codes),
-    and the share of the variance those components explain."""
+    """The codes projected on their first n principal components, and the share of the variance they explain."""
     centred = codes - codes.mean(dim=0)
     _, singular_values, components = torch.linalg.svd(centred, full_matrices=False)
     variance = singular_values.pow(2)
@@ -779,8 +564,7 @@ def principal_components(codes, n=2):
 
 
 def plot_latent_map(projection, labels, explained, path):
-    """Each image's mean code on the first two principal components, coloured by its digit; drawn in
-    a shuffled order, so that no digit hides the others."""
+    """Each image's mean code on two principal components, by digit, shuffled so that no digit hides another."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     figure, axes = plt.subplots(figsize=(7, 6))
     points = axes.scatter(projection[order, 0], projection[order, 1], c=labels[order], cmap="tab10", vmin=-0.5,
@@ -810,7 +594,7 @@ def plot_latent_usage(activity, path):
 
 @torch.no_grad()
 def explore(model, images, labels, out, checkpoint):
-    """Write EXPLORATION_FILES into `out` for a split (the test set) and return what exploration.json holds."""
+    """Write EXPLORATION_FILES into `out` for a split (the test set); what exploration.json holds."""
     mus, logvars = encode_split(model, images)
     pairs = interpolation_pairs(labels)
     starts, ends = (list(indices) for indices in zip(*pairs))
@@ -848,38 +632,27 @@ def explore_command(args):
     print(f"written to {out}: {', '.join(EXPLORATION_FILES)}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Comparing runs (beyond the report): one row per run, the mean of each variant, their digits side by side
+# ---------------------------------------- Comparing runs: one row per run, the mean of each variant, their digits
 
 COMPARED = ("test_total", "test_bce", "test_kl", "iw", "active_units", "best_epoch", "seconds_per_epoch")
 
 
 def variant_name(config):
     """The train flags that built a run's model and data, or "report" for the report's own."""
+    latent_dim, hidden_size = config["latent_dim"], config["hidden_size"]
     flags = {"--binarize": config["binarize"], "--unidirectional": not config["bidirectional"],
-             f"--hidden-size {config['hidden_size']}": config["hidden_size"] != MODEL_DEFAULTS["hidden_size"],
-             f"--latent-dim {config['latent_dim']}":
-                 config["encoder_fc"] and config["latent_dim"] != MODEL_DEFAULTS["latent_dim"],
+             f"--hidden-size {hidden_size}": hidden_size != CONFIG["hidden_size"],
+             f"--latent-dim {latent_dim}": config["encoder_fc"] and latent_dim != CONFIG["latent_dim"],
              "--no-encoder-fc": not config["encoder_fc"], "--no-decoder-fc": not config["decoder_fc"]}
     return " ".join(flag for flag, used in flags.items() if used) or "report"
 
 
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {getattr(error, 'strerror', None) or gist(error)}") from None
-
-
 def run_row(folder):
-    """One run folder of `train` (results.json, exploration.json, and evaluation.json where evaluate wrote one)
-    as one flat row. The config is results.json's, or its best_model.pt's for runs older than that."""
+    """A run folder of train's (and evaluate's) as one flat row."""
     results = read_json(folder / "results.json")
-    config = {**CONFIG_DEFAULTS, **(results.get("config") or read_checkpoint(folder / "best_model.pt")["config"])}
     evaluation = read_json(folder / "evaluation.json") if (folder / "evaluation.json").is_file() else {}
-    where = results.get("machine", {})
-    return {"run": folder.name, "variant": variant_name(config), "seed": config["seed"],
-            "parameters": results.get("parameters"), "best_epoch": results["best_epoch"],
+    return {"run": folder.name, "variant": variant_name(results["config"]), "seed": results["config"]["seed"],
+            "parameters": results["parameters"], "best_epoch": results["best_epoch"],
             "epochs_run": results["epochs_run"],
             **{f"{split}_{part}": results[split][part] for split in ("train", "val", "test")
                for part in ("bce", "kl", "total")},
@@ -887,12 +660,13 @@ def run_row(folder):
             "iw_is": "-log p(x)" if "iw_nll" in evaluation else "bound" if "iw_bound" in evaluation else None,
             "iw_seconds": evaluation.get("iw_seconds"),
             "active_units": read_json(folder / "exploration.json")["active_units"],
-            "seconds_per_epoch": results.get("seconds_per_epoch"),
-            **{name: where.get(name) for name in ("device", "cpu", "threads", "torch", "cuda", "cudnn", "precision")}}
+            "seconds_per_epoch": results["seconds_per_epoch"],
+            **{name: results["machine"].get(name) for name in ("device", "cpu", "threads", "torch", "cuda", "cudnn",
+                                                                "precision")}}
 
 
 def variant_table(rows):
-    """Markdown: the mean and standard deviation over the runs of each variant, in the order first seen."""
+    """Markdown: each variant's mean and standard deviation over its runs, and the devices they ran on."""
     variants = {}
     for row in rows:
         variants.setdefault(row["variant"], []).append(row)
@@ -906,7 +680,7 @@ def variant_table(rows):
             values = torch.tensor([run[name] for run in runs if run[name] is not None], dtype=torch.float64)
             cells.append("" if not len(values) else f"{values.mean():.2f}" if len(values) == 1 else
                          f"{values.mean():.2f} ± {values.std():.2f}")
-        devices = dict.fromkeys(f"{run['device'] or run['cpu']}, torch {run['torch']}" for run in runs)
+        devices = dict.fromkeys(f"{run['device']}, torch {run['torch']}" for run in runs)
         lines.append(f"| {variant} | {len(runs)} | {' | '.join(cells)} | {'; '.join(devices)} |")
     return "\n".join(lines)
 
@@ -943,20 +717,134 @@ def compare_command(args):
     print(variant_table(rows))
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
+# ==============================================================================================================
+# Part 3. Running safely, and the command line: files, errors, signals, devices. Nothing here changes a number.
+# ==============================================================================================================
 
-def resolve_device(name):
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        name = next(device for device, ok in available.items() if ok)
-    if not available[name]:
-        raise UserError(f"--device {name}: no {name.upper()} device is available here (try --device cpu)")
-    if name == "cuda":  # float32 as on the CPU (cuDNN would use TF32), and the same numbers every time
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        torch.use_deterministic_algorithms(True)
-    return torch.device(name)
+MNIST_FILES = [f"{kind}-{part}-ubyte" for kind in ("train", "t10k") for part in ("images-idx3", "labels-idx1")]
+CUDA_PRECISION = "float32, TF32 off, deterministic algorithms"  # how --device cuda computes (resolve_device)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode; read when CUDA starts
+try:
+    import fcntl  # POSIX: one train per run folder at a time
+except ImportError:  # Windows has no flock: there two runs into one folder are not prevented (README)
+    fcntl = None
+
+
+class UserError(Exception):
+    """A problem the user can fix (a path, a number, a file): one line on stderr, exit status 2."""
+
+
+class WriteError(UserError):
+    """The system refused to store a file (a full disk, a read-only file system): exit status 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, how schedulers stop a job, raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM cannot cut the way out short
+    raise Terminated
+
+
+def gist(error):
+    """The first sentence of a library's message that says something (not a heading that ends in ':')."""
+    lines = [line for line in map(str.strip, str(error).splitlines()) if line and not line.endswith(":")]
+    return (lines or [type(error).__name__])[0].split(". ")[0]
+
+
+# ------------------------------------------------------------------------ Files: each written whole or not at all
+
+def write_atomically(path, write):
+    """write(file) into memory, then into a temporary file beside `path`, renamed over it: a kill at any moment
+    leaves the old file or the new, with open()'s mode under the umask; a full disk leaves no temporary file."""
+    buffer = io.BytesIO()
+    write(buffer)  # in memory first, so that a full disk fails in plain file I/O, not inside torch.save
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            file.write(buffer.getbuffer())
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise WriteError(f"cannot write {path}: {error.strerror or error}") from None
+        raise
+
+
+def write_json(data, path):
+    write_atomically(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def write_csv(rows, path):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(path, lambda file: file.write(text.getvalue().encode()))
+
+
+def save_checkpoint(checkpoint, path):
+    write_atomically(path, lambda file: torch.save(checkpoint, file))
+
+
+def save_grid(images, path, nrow):
+    name = picture_format(path)
+    write_atomically(path, lambda file: torchvision.utils.save_image(images, file, nrow=nrow, format=name, padding=2,
+                                                                      pad_value=0.5))
+
+
+def save_figure(figure, path):
+    figure.tight_layout()
+    write_atomically(path, lambda file: figure.savefig(file, format=figure_format(path), dpi=100))
+    plt.close(figure)
+
+
+def picture_format(path):
+    """The PIL format a picture's suffix names; one that PIL cannot write the digits in is the user's error."""
+    name = Image.registered_extensions().get(Path(path).suffix.lower())
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=name)  # some formats take only other modes
+    except (KeyError, ValueError, OSError):
+        raise UserError(f"cannot write a picture named {path}: its suffix names no format that PIL can write "
+                        f"the digits in (use .png, .jpg, .webp, .tiff, .bmp, .gif or .pdf)") from None
+    return name
+
+
+def figure_format(path):
+    """The matplotlib format a plot's suffix names; one it cannot write is the user's error."""
+    name = Path(path).suffix[1:].lower()
+    if name not in FigureCanvasAgg.get_supported_filetypes():
+        raise UserError(f"cannot write a figure named {path}: matplotlib writes no format of that suffix "
+                        f"(use .png, .pdf, .svg or .jpg)")
+    return name
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: a pickle that carries code is refused, never run."""
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():  # a refused file is reported below, in one line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # not a pickle, or one that carries code
+        raise UserError(f"cannot read the checkpoint {path}: torch.load(weights_only=True) refused it, as it holds "
+                        f"more than tensors and plain data (nothing in it was run)") from None
+    except Exception as error:  # truncated, or not a torch file at all
+        raise UserError(f"cannot read the checkpoint {path}: it is not a whole file written by torch.save "
+                        f"({gist(error)})") from None
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {getattr(error, 'strerror', None) or gist(error)}") from None
 
 
 def check_out_dir(folder):
@@ -970,12 +858,12 @@ def check_out_dir(folder):
         raise UserError(f"cannot write to {folder}: {error.strerror}") from None
 
 
+# --------------------------------------------------------------------------------------- Run folders and resuming
+
 @contextlib.contextmanager
 def claim_run_folder(folder, resume):
-    """Hold `folder` for one `train` at a time: a second one, started while this one runs, is refused at
-    once; a new run never overwrites a finished or interrupted one, nor a best_model.pt from elsewhere;
-    --resume needs a last.pt. The lock is flock's on the folder itself: the operating system drops it
-    when the process ends, even by SIGKILL, and no file stays."""
+    """Hold `folder` for one train at a time (a flock, dropped when the process ends, even by SIGKILL); a new run
+    never overwrites a run, nor a best_model.pt from elsewhere; --resume needs a last.pt."""
     check_out_dir(folder)
     lock = os.open(folder, os.O_RDONLY) if fcntl else None
     try:
@@ -1000,6 +888,87 @@ def claim_run_folder(folder, resume):
         if lock is not None:
             os.close(lock)
 
+
+def resumable_state(config, out):
+    """last.pt of the run that --resume continues, read before any data; refused if it was trained with other
+    settings, or for more epochs than --epochs (a larger --epochs trains the extra epochs)."""
+    state = read_checkpoint(out / "last.pt")
+    if not isinstance(state, dict) or "config" not in state:
+        raise UserError(f"{out / 'last.pt'} is not a run's last.pt")
+    changed = [f"{name} {state['config'].get(name)} there, {value} here"
+               for name, value in config.items() if name != "epochs" and state["config"].get(name) != value]
+    if changed:
+        raise UserError(f"--resume: {out} was trained with other settings ({'; '.join(changed)})")
+    if state["epoch"] > config["epochs"]:
+        raise UserError(f"--resume: {out} has trained {state['epoch']} epochs already, more than --epochs "
+                        f"{config['epochs']}")
+    return state
+
+
+def left_behind(args, argv, go_on="resume with"):
+    """What a stopped command leaves on disk, and how to go on."""
+    if args.command != "train":
+        return "no file is half-written" if args.command in ("explore", "compare") else "nothing was written"
+    last = Path(args.out) / "last.pt"
+    if not last.is_file():  # without --resume, a best_model.pt here is this run's (claim_run_folder)
+        best = last.parent / "best_model.pt"
+        leftover = f" once {best}, left from that epoch, is removed" if best.is_file() and not args.resume else ""
+        return f"no epoch was saved whole, so there is nothing to resume; start again{leftover}"
+    resume = " ".join(["python vae_lstm.py", *argv, *([] if args.resume else ["--resume"])])
+    return (f"{last} holds epoch {read_checkpoint(last)['epoch']} and {last.parent / 'best_model.pt'} the best so "
+            f"far, both intact; {go_on}: {resume}")
+
+
+# ------------------------------------------------------------------------------------------- Devices and machines
+
+def resolve_device(name):
+    """The device of --device; CUDA set to compute in float32 (cuDNN would use TF32) and deterministically."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        name = next(device for device, ok in available.items() if ok)
+    if not available[name]:
+        raise UserError(f"--device {name}: no {name.upper()} device is available here (try --device cpu)")
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        torch.use_deterministic_algorithms(True)
+    return torch.device(name)
+
+
+def machine(device):
+    """Where the numbers come from: the same seed gives other numbers on another device or torch build."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    where = {"device": cpu, "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        where.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                     cudnn=torch.backends.cudnn.version(), precision=CUDA_PRECISION)
+    elif device.type == "mps":
+        where.update(device=f"Apple MPS ({platform.machine()})", precision="float32")
+    return where
+
+
+def rng_states(device):
+    """The random states that a resumed run needs: the CPU's (batch order) and the training device's (noise)."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type != "cpu":
+        states[device.type] = getattr(torch, device.type).get_rng_state()  # torch.cuda's or torch.mps's
+    return states
+
+
+def restore_rng_states(states, device):
+    torch.set_rng_state(states["cpu"])
+    trained_on = next((kind for kind in states if kind != "cpu"), "cpu")
+    if trained_on == device.type != "cpu":
+        getattr(torch, device.type).set_rng_state(states[device.type])
+    elif trained_on != device.type:
+        print(f"note: this run was trained on {trained_on.upper()} and goes on on {device.type.upper()}, which draws "
+              f"other random numbers: its results will differ from an uninterrupted run's", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- The command line
 
 def number(kind, is_valid, requirement):
     """An argparse type: `kind` parsed from the text, then checked."""
@@ -1030,99 +999,88 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each default, but for flags whose help says it (None) and switches (False)."""
+    """--help shows each default, but for switches and flags whose help says it."""
 
     def _get_help_string(self, action):
-        said_in_help = action.default is None or action.default is False  # not 0, which == False
-        return action.help if said_in_help else super()._get_help_string(action)
+        return action.help if action.default is None or action.nargs == 0 else super()._get_help_string(action)
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("train", formatter_class=HelpWithDefaults,
-                              help="train on MNIST, keep the best model, test it")
-    run.add_argument("--epochs", type=POSITIVE_INT, default=50, help="at most this many epochs")
-    run.add_argument("--patience", type=POSITIVE_INT, default=10,
-                     help="stop after this many epochs without a better validation total")
-    run.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="training images per Adam step")
-    run.add_argument("--lr", type=POSITIVE, default=1e-3, help="Adam's learning rate")
-    run.add_argument("--val-fraction", type=FRACTION, default=0.1, help="share of the 60,000 held out for validation")
-    run.add_argument("--split-seed", type=SEED, default=3136, help="NumPy seed of the train/validation split")
-    run.add_argument("--seed", type=SEED, default=0, help="torch seed: initial weights, batch order, noise")
-    run.add_argument("--kl-weight", type=NON_NEGATIVE, default=1.0,
-                     help="weight of the KL term (the report's 1 + gamma)")
-    run.add_argument("--binarize", action="store_true",
-                     help="binary pixels, as in the VAE papers: drawn afresh as Bernoulli(grey value) each time a "
-                          "training image is used, once from a fixed seed for validation and test")
-    design = run.add_argument_group("the report's design choices (section 1), to test them")
-    design.add_argument("--unidirectional", action="store_true", help="a forward-only LSTM (its code's bidirect=False)")
-    design.add_argument("--hidden-size", type=POSITIVE_INT, default=MODEL_DEFAULTS["hidden_size"],
+    def add(name, help):
+        return commands.add_parser(name, help=help, formatter_class=HelpWithDefaults)
+
+    train_parser = add("train", "train on MNIST, keep the best model, test it")
+    for flag, kind, help in (
+            ("--epochs", POSITIVE_INT, "at most this many epochs"),
+            ("--patience", POSITIVE_INT, "stop after this many epochs without a better validation total"),
+            ("--batch-size", POSITIVE_INT, "training images per Adam step"),
+            ("--lr", POSITIVE, "Adam's learning rate"),
+            ("--val-fraction", FRACTION, "share of the 60,000 held out for validation"),
+            ("--split-seed", SEED, "NumPy seed of the train/validation split"),
+            ("--seed", SEED, "torch seed: initial weights, batch order, noise"),
+            ("--kl-weight", NON_NEGATIVE, "weight of the KL term (the report's 1 + gamma)")):
+        train_parser.add_argument(flag, type=kind, default=CONFIG[flag[2:].replace("-", "_")], help=help)
+    train_parser.add_argument("--binarize", action="store_true", help="binary pixels as in the VAE papers: drawn "
+                              "afresh each time a training image is used, once (fixed seed) for validation and test")
+    design = train_parser.add_argument_group("the report's design choices (section 1), to test them")
+    design.add_argument("--unidirectional", dest="bidirectional", action="store_false",
+                        help="a forward-only LSTM (its code's bidirect=False)")
+    design.add_argument("--hidden-size", type=POSITIVE_INT, default=CONFIG["hidden_size"],
                         help="the LSTM's units per direction (its code's zdim)")
     design.add_argument("--latent-dim", type=POSITIVE_INT,
-                        help=f"size of z (its code's encoder_fc_out_size; default {MODEL_DEFAULTS['latent_dim']}, "
-                             f"or the hidden size with --no-encoder-fc)")
-    design.add_argument("--no-encoder-fc", action="store_true",
-                        help="the report's first encoder: mu and log sigma^2 are the final states of the forward and "
-                             "the backward direction, with no linear layers")
-    design.add_argument("--no-decoder-fc", action="store_true",
+                        help=f"size of z (its code's encoder_fc_out_size; default {CONFIG['latent_dim']}, or the "
+                             f"hidden size with --no-encoder-fc)")
+    design.add_argument("--no-encoder-fc", dest="encoder_fc", action="store_false",
+                        help="the report's first encoder: mu and log sigma^2 are the two directions' final states")
+    design.add_argument("--no-decoder-fc", dest="decoder_fc", action="store_false",
                         help="the report's first decoder: z enters the first transposed convolution directly")
-    run.add_argument("--resume", action="store_true",
-                     help="continue the run in --out, with the same settings; a larger --epochs trains more")
-    run.add_argument("--out", default="runs/lstm_vae", help="folder for the checkpoints, logs and figures")
+    train_parser.add_argument("--resume", action="store_true",
+                              help="continue the run in --out, with the same settings; a larger --epochs trains more")
+    train_parser.add_argument("--out", default="runs/lstm_vae", help="folder for the checkpoints, logs and figures")
 
-    sample = commands.add_parser("generate", formatter_class=HelpWithDefaults,
-                                 help="decode z ~ N(0, I) into a grid of digits")
-    sample.add_argument("--n", type=POSITIVE_INT, default=100, help="number of digits")
-    sample.add_argument("--nrow", type=POSITIVE_INT, default=10, help="digits per row of the grid")
-    sample.add_argument("--seed", type=SEED, default=0, help="seed of the z draws")
-    sample.add_argument("--out", help="picture to write, in the format its suffix names (.png, .jpg, ...; "
-                                      "default: generated.png beside the checkpoint)")
+    generate_parser = add("generate", "decode z ~ N(0, I) into a grid of digits")
+    generate_parser.add_argument("--n", type=POSITIVE_INT, default=100, help="number of digits")
+    generate_parser.add_argument("--nrow", type=POSITIVE_INT, default=10, help="digits per row of the grid")
+    generate_parser.add_argument("--seed", type=SEED, default=0, help="seed of the z draws")
+    generate_parser.add_argument("--out", help="picture to write, in the format its suffix names (.png, .jpg, ...; "
+                                               "default: generated.png beside the checkpoint)")
 
-    score = commands.add_parser("evaluate", formatter_class=HelpWithDefaults,
-                                help="per-image losses of a split, and an importance-weighted bound")
-    score.add_argument("--split", choices=["train", "val", "test"], default="test", help="which images")
-    score.add_argument("--iw-samples", type=NATURAL, default=0,
-                       help="K > 1 adds the importance-weighted estimate with K samples per image: -log p(x) "
-                            "for a --binarize model; for a grey-level one a bound of the report's objective, "
-                            "not a log-likelihood (README)")
-    score.add_argument("--json", help="JSON to write (default: evaluation.json beside the checkpoint)")
+    evaluate_parser = add("evaluate", "per-image losses of a split, and an importance-weighted bound")
+    evaluate_parser.add_argument("--split", choices=["train", "val", "test"], default="test", help="which images")
+    evaluate_parser.add_argument("--iw-samples", type=NATURAL, default=0, help="K > 1 adds the importance-weighted "
+                                 "estimate, K samples an image: -log p(x) with --binarize, else a bound (README)")
+    evaluate_parser.add_argument("--json", help="JSON to write (default: evaluation.json beside the checkpoint)")
 
-    look = commands.add_parser("explore", formatter_class=HelpWithDefaults,
-                               help="the latent space on the test set: interpolation, map by digit, active units")
-    look.add_argument("--out", help="folder for its four files (default: the checkpoint's folder)")
+    explore_parser = add("explore", "the latent space on the test set: interpolation, map by digit, active units")
+    explore_parser.add_argument("--out", help="folder for its four files (default: the checkpoint's folder)")
 
-    collect = commands.add_parser("compare", formatter_class=HelpWithDefaults,
-                                  help="runs side by side: one CSV row each, the mean and standard deviation of "
-                                       "each variant, their generated digits")
-    collect.add_argument("runs", nargs="+", help="run folders written by train (and evaluate)")
-    collect.add_argument("--csv", help="CSV to write, one row per run")
-    collect.add_argument("--figure", help="figure to write: 100 digits of each variant's first run (.png, .pdf, ...)")
+    compare_parser = add("compare", "runs side by side: a CSV row each, each variant's mean, their digits")
+    compare_parser.add_argument("runs", nargs="+", help="run folders written by train (and evaluate)")
+    compare_parser.add_argument("--csv", help="CSV to write, one row per run")
+    compare_parser.add_argument("--figure", help="figure to write: 100 digits of each variant's first run (.png, ...)")
 
-    for command in (sample, score, look):
+    for command in (generate_parser, evaluate_parser, explore_parser):
         command.add_argument("--checkpoint", default="runs/lstm_vae/best_model.pt", help="model to load")
-    for command in (run, score, look):
+    for command in (train_parser, evaluate_parser, explore_parser):
         command.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (downloaded if absent)")
-    for command in (run, sample, score, look):
+    for command in (train_parser, generate_parser, evaluate_parser, explore_parser):
         command.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                              help="auto takes CUDA or MPS when there is one")
     args = parser.parse_args(argv)
     if args.command == "train":
-        check_design(run, args)
+        if args.latent_dim is None:
+            args.latent_dim = CONFIG["latent_dim"] if args.encoder_fc else args.hidden_size
+        if design_error(config_of(args)):
+            train_parser.error(design_error(config_of(args)))
     return args
 
 
-def check_design(parser, args):
-    """Fill in --latent-dim and refuse the combinations the model cannot be built with (a usage error)."""
-    if args.latent_dim is None:
-        args.latent_dim = args.hidden_size if args.no_encoder_fc else MODEL_DEFAULTS["latent_dim"]
-    if args.no_encoder_fc and args.unidirectional:
-        parser.error("--no-encoder-fc takes mu and log sigma^2 from the two directions: it needs the bidirectional "
-                     "LSTM, not --unidirectional")
-    if args.no_encoder_fc and args.latent_dim != args.hidden_size:
-        parser.error(f"--no-encoder-fc makes z the LSTM's final state, so --latent-dim must equal --hidden-size "
-                     f"({args.latent_dim} and {args.hidden_size} given)")
+def config_of(args):
+    """A train command's config: its flags under CONFIG's names."""
+    return {name: getattr(args, name) for name in CONFIG}
 
 
 def main(argv=None):
@@ -1143,21 +1101,6 @@ def main(argv=None):
         print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; {left_behind(args, argv)}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     return 0
-
-
-def left_behind(args, argv, go_on="resume with"):
-    """What a stopped command leaves on disk, and how to go on."""
-    if args.command != "train":
-        return "no file is half-written" if args.command in ("explore", "compare") else "nothing was written"
-    last = Path(args.out) / "last.pt"
-    if not last.is_file():  # without --resume, a best_model.pt here is this run's (claim_run_folder)
-        best = last.parent / "best_model.pt"
-        leftover = f" once {best}, left from that epoch, is removed" if best.is_file() and not args.resume else ""
-        return f"no epoch was saved whole, so there is nothing to resume; start again{leftover}"
-    epoch = read_checkpoint(last)["epoch"]
-    resume = " ".join(["python vae_lstm.py", *argv, *([] if args.resume else ["--resume"])])
-    return (f"{last} holds epoch {epoch} and {last.parent / 'best_model.pt'} the best so far, both intact; "
-            f"{go_on}: {resume}")
 
 
 if __name__ == "__main__":
