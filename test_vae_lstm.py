@@ -233,9 +233,9 @@ def test_real_mnist_loads_splits_and_trains_briefly():
     model = VAE()
     before = evaluate(model, val_images[:2000])["total"]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    train_epoch(model, optimizer, train_images[:6400], 64, 1.0, epoch=1)
+    train_epoch(model, optimizer, train_images[:3200], 64, 1.0, epoch=1)
     after = evaluate(model, val_images[:2000])
-    assert before > 500 and after["total"] < 210, (before, after)  # 100 Adam steps learn the digits' shape
+    assert before > 500 and after["total"] < 240, (before, after)  # 50 Adam steps learn the digits' shape
     assert 0 < after["kl"] < after["bce"]
 
 
