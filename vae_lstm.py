@@ -191,8 +191,8 @@ def vae_loss(recon, x, mu, logvar, kl_weight=1.0):
 
 
 def per_image(batch_losses, n_images):
-    """(batches, 3) sums of (total, bce, kl) on any device -> per-image losses, summed in float64 on the host (MPS
-    has none). The report divided by batches x 64, too many images for a short last batch: too small a loss."""
+    """(batches, 3) sums of (total, bce, kl), on any device -> per-image losses, summed in float64 on the host
+    (MPS has none); divided by the images seen, where the report's batches x 64 overcounted a short last batch."""
     total, bce, kl = (sum(column) / n_images for column in batch_losses.cpu().T.tolist())
     return {"bce": bce, "kl": kl, "total": total}
 
@@ -232,8 +232,8 @@ def train_step(model, optimizer, x, kl_weight):
 
 
 def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch, binarize=False):
-    """One pass in a fresh random order, with binarize each pixel drawn afresh as Bernoulli(grey value) (Burda et
-    al., 2016); per-image losses. A step that is not finite stops the run at the epoch's end, naming its batch."""
+    """One pass over the images in a fresh random order (with binarize, pixels drawn afresh as Bernoulli(grey
+    value), Burda et al., 2016); per-image losses. A non-finite step stops the run at the epoch's end."""
     model.train()
     batches = torch.randperm(len(images)).to(images.device).split(batch_size)
     steps = [train_step(model, optimizer, torch.bernoulli(images[index]) if binarize else images[index], kl_weight)
