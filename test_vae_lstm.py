@@ -1172,15 +1172,9 @@ def test_on_the_accelerator_a_seed_twice_and_a_resumed_run_give_identical_number
     runs = [tmp_path / name for name in ("first", "second", "stopped")]
     for run in runs[:2]:
         assert main(train_args(tiny_mnist, run, "--device", accelerator)) == 0
-    train_epoch = vae_lstm.train_epoch
-
-    def interrupted_in_epoch_3(*args):
-        if args[5] == 3:
-            raise KeyboardInterrupt
-        return train_epoch(*args)
-    monkeypatch.setattr(vae_lstm, "train_epoch", interrupted_in_epoch_3)
+    raise_in_epoch(monkeypatch, 3, press_ctrl_c)
     assert main(train_args(tiny_mnist, runs[2], "--device", accelerator)) == 130
-    monkeypatch.setattr(vae_lstm, "train_epoch", train_epoch)
+    monkeypatch.undo()
     assert main(train_args(tiny_mnist, runs[2], "--device", accelerator, "--resume")) == 0
     first, *others = (read_results(run) for run in runs)
     assert all(losses(other) == losses(first) for other in others)

@@ -99,8 +99,8 @@ class VAE(nn.Module):
 
     def __init__(self, config=CONFIG):
         super().__init__()
-        if design_error(config):
-            raise ValueError(design_error(config))
+        if impossible := design_error(config):
+            raise ValueError(impossible)
         latent_dim, hidden_size, self.encoder_fc = config["latent_dim"], config["hidden_size"], config["encoder_fc"]
         self.latent_dim = latent_dim
         # Encoder: the 28 image rows are the LSTM's sequence of 28-pixel steps.
@@ -380,6 +380,7 @@ def train(args):
     out, config = Path(args.out), config_of(args)
     with claim_run_folder(out, args.resume):
         device = resolve_device(args.device)
+        where = machine(device)
         torch.manual_seed(config["seed"])
         state = resumable_state(config, out) if args.resume else None
         if state and state["bad_epochs"] >= config["patience"]:
@@ -392,7 +393,7 @@ def train(args):
                     for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
         train_images = train_images.to(device) if config["binarize"] else measured["train"]
         print(f"{len(train_images)} training, {len(measured['val'])} validation, {len(measured['test'])} test images"
-              f"{' (binarized)' if config['binarize'] else ''}; device {device} ({machine(device)['device']}); "
+              f"{' (binarized)' if config['binarize'] else ''}; device {device} ({where['device']}); "
               f"writing to {out}", flush=True)
 
         history, stop_reason = fit(config, VAE(config).to(device), train_images, measured["val"], out, state)
@@ -405,7 +406,7 @@ def train(args):
                        seconds=sum(row["seconds"] for row in history) + time.perf_counter() - start,
                        seconds_per_epoch=sum(row["seconds"] for row in history) / len(history),
                        train_images_per_second=len(train_images) * len(history) / train_seconds,
-                       parameters=sum(parameter.numel() for parameter in model.parameters()), machine=machine(device),
+                       parameters=sum(parameter.numel() for parameter in model.parameters()), machine=where,
                        config=config)
         write_json(results, out / "results.json")
         plot_losses(history, best, out / "loss_plot.png")
@@ -478,6 +479,7 @@ def fast_decoder(model):
 def log_importance_weights(model, x, n_samples, generator, chunk, decode=None):
     """log p(x|z) + log p(z) - log q(z|x) for n_samples z ~ q(z|x) per image, (B, n_samples), from one draw
     of eps on the CPU generator; the codes are decoded `chunk` at a time by `decode` (model.decode by default)."""
+    decode = decode or model.decode
     mu, logvar = model.encode(x)
     eps = cpu_normal((len(x), n_samples, mu.shape[1]), generator, x.device)
     z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
@@ -486,7 +488,7 @@ def log_importance_weights(model, x, n_samples, generator, chunk, decode=None):
     codes, pixels = z.flatten(0, 1), x.reshape(len(x), -1)
     image_of_code = torch.arange(len(codes), device=x.device) // n_samples
     log_likelihood = torch.cat([
-        -F.binary_cross_entropy((decode or model.decode)(some).flatten(1), pixels[images], reduction="none").sum(1)
+        -F.binary_cross_entropy(decode(some).flatten(1), pixels[images], reduction="none").sum(1)
         for some, images in zip(codes.split(chunk), image_of_code.split(chunk))])
     return log_likelihood.view(len(x), n_samples) + log_prior_over_posterior
 
@@ -1073,8 +1075,8 @@ def parse_args(argv=None):
     if args.command == "train":
         if args.latent_dim is None:
             args.latent_dim = CONFIG["latent_dim"] if args.encoder_fc else args.hidden_size
-        if design_error(config_of(args)):
-            train_parser.error(design_error(config_of(args)))
+        if impossible := design_error(config_of(args)):
+            train_parser.error(impossible)
     return args
 
 
