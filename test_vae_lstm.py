@@ -1,7 +1,7 @@
-"""Tests of vae_lstm.py: `pytest test_vae_lstm.py`, under a minute on 2 CPU cores.
+"""Tests of vae_lstm.py: `pytest test_vae_lstm.py`, under a minute on 2 CPU cores, in the script's three parts.
 
-Most tests run on tiny MNIST-format files written here; one trains briefly on the real
-MNIST, found at $VAE_LSTM_MNIST, else at ../shared/mnist or ./data beside this file.
+Most tests run on tiny MNIST-format files written here; two use the real MNIST, found at $VAE_LSTM_MNIST, else
+at ../shared/mnist or ./data beside this file: a brief training, and the published models' numbers.
 """
 import contextlib
 import csv
@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import stat
 import struct
@@ -32,6 +33,7 @@ from vae_lstm import CONFIG, VAE, EarlyStopping, evaluate, main, split_indices, 
 HERE = Path(__file__).resolve().parent
 TINY_TRAIN, TINY_TEST = 200, 50  # 180 training images: batches of 64, 64 and a short 52
 TINY_EPOCHS = 6
+PUBLISHED_RUNS = ["binarized-seed0", "design-report-seed0", "design-report-seed1", "design-report-seed2"]
 
 # The report's Figure 1: every parameter's name and shape (175,665 in all).
 REPORT_PARAMETERS = {
@@ -49,10 +51,10 @@ REPORT_PARAMETERS = {
 }
 
 
-def write_idx(path, array):
-    """An MNIST (IDX) file: magic 0x08 0x<ndim>, big-endian sizes, then the uint8 values."""
-    path.write_bytes(struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-                     + array.astype(np.uint8).tobytes())
+def idx_bytes(array):
+    """An MNIST (IDX) file's bytes: magic 0x08 0x<ndim>, big-endian sizes, then the uint8 values."""
+    return (struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+            + array.astype(np.uint8).tobytes())
 
 
 def write_tiny_mnist(root, grey=False):
@@ -71,13 +73,22 @@ def write_tiny_mnist(root, grey=False):
                 image[row, x - 1:x + 2] = 255
         if grey:
             images = (images * rng.uniform(0.2, 1.0, images.shape)).astype(np.uint8)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(images))
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(rng.integers(0, 10, n)))
+    return root
+
+
+def altered_copy(tiny_mnist, tmp_path, name, alter):
+    """A copy of tiny MNIST whose file `name` holds alter(its bytes)."""
+    root = tmp_path / "altered"
+    shutil.copytree(tiny_mnist, root)
+    target = root / "MNIST" / "raw" / name
+    target.write_bytes(alter(target.read_bytes()))
     return root
 
 
 def real_mnist():
-    if "VAE_LSTM_MNIST" in os.environ:  # set by .ci/run: there the test must run, never skip
+    if "VAE_LSTM_MNIST" in os.environ:  # set by .ci/run: there the tests must run, never skip
         return Path(os.environ["VAE_LSTM_MNIST"])
     found = [path for path in (HERE.parent / "shared" / "mnist", HERE / "data") if (path / "MNIST" / "raw").is_dir()]
     if not found:
@@ -96,11 +107,17 @@ def train_args(data, out, *extra):
 
 @pytest.fixture(scope="module")
 def reference_run(tiny_mnist, tmp_path_factory):
-    """The whole `train` command, for the tests below to inspect: its folder and what it printed."""
+    """The whole `train` command, for the tests below to read, never to write into: its folder and what it printed."""
     out, printed = tmp_path_factory.mktemp("reference"), io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(train_args(tiny_mnist, out)) == 0
     return out, printed.getvalue()
+
+
+@pytest.fixture
+def reference_copy(reference_run, tmp_path):
+    """A copy of the reference run's folder, for a test that writes into a run, or tries to."""
+    return Path(shutil.copytree(reference_run[0], tmp_path / "reference"))
 
 
 VARIANTS = {"small": ["--unidirectional", "--hidden-size", "16", "--latent-dim", "8", "--no-decoder-fc"],
@@ -141,74 +158,69 @@ def one_error_line(captured, *words):
         assert word in lines[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Model and loss
+def digit_cells(path, rows, columns):
+    """The 28x28 cells of a grid that save_grid wrote, without its 2-pixel padding: (rows, columns, 28, 28)."""
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=float)
+    assert pixels.shape == (2 + 30 * rows, 2 + 30 * columns)
+    return pixels[2:, 2:].reshape(rows, 30, columns, 30)[:, :28, :, :28].transpose(0, 2, 1, 3)
 
 
-def test_model_has_the_report_layers_and_parameter_count():
-    model = VAE()
-    assert {name: tuple(p.shape) for name, p in model.state_dict().items()} == REPORT_PARAMETERS
-    assert sum(p.numel() for p in model.parameters()) == 175_665
-    layers = str(model)
-    assert "LSTM(28, 64, batch_first=True, bidirectional=True)" in layers
-    assert "ConvTranspose2d(32, 16, kernel_size=(4, 4), stride=(2, 2), padding=(1, 1))" in layers
-    for x in (torch.rand(5, 28, 28), torch.rand(5, 1, 28, 28)):
-        recon, mu, logvar = model(x)
-        assert recon.shape == (5, 1, 28, 28) and mu.shape == logvar.shape == (5, 64)
-        assert 0 <= recon.min() and recon.max() <= 1
+def assert_every_cell_is_drawn(cells):
+    """Each digit cell of a grid holds a stroke: bright pixels on a dark ground, not one flat grey."""
+    flat = cells.reshape(-1, 28 * 28)
+    assert (flat.max(1) - flat.min(1) > 60).all() and (flat.std(1) > 5).all(), flat.std(1)
 
 
-def test_each_direction_of_the_encoder_reads_every_row_into_mu():
-    torch.manual_seed(0)
-    model, x = VAE(), torch.rand(1, 28, 28)
-    for kept in (slice(0, 64), slice(64, 128)):  # mu from the forward direction's final state, then the backward's
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures that save_figure writes, by file name, kept for their lines and points to be read."""
+    figures, save = {}, vae_lstm.save_figure
+
+    def keep(figure, path):
+        figures[Path(path).name] = figure
+        save(figure, path)
+    monkeypatch.setattr(vae_lstm, "save_figure", keep)
+    return figures
+
+
+def scripted_training(monkeypatch, val_totals):
+    """train_epoch and evaluate replaced: each epoch leaves its number in a weight, and validation gives the next
+    of `val_totals`. Returns the epochs whose weights were evaluated, in order."""
+    scripted, evaluated, totals = {"bce": 1.0, "kl": 1.0, "total": 2.0}, [], iter(val_totals)
+
+    def train_epoch(model, *args):
         with torch.no_grad():
-            weight = model.encoder_mu.weight.clone()
-            model.encoder_mu.weight.zero_()
-            model.encoder_mu.weight[:, kept] = weight[:, kept]
-        for row in (0, 27):  # the first row reaches the end of the backward pass, the last that of the forward
-            changed = x.clone()
-            changed[0, row] = 1 - changed[0, row]
-            assert not torch.allclose(model.encode(changed)[0], model.encode(x)[0]), (kept, row)
-        with torch.no_grad():
-            model.encoder_mu.weight.copy_(weight)
+            model.decoder_fc.bias[0] = args[4]
+        return scripted
+
+    def evaluate(model, *args):
+        evaluated.append(int(model.decoder_fc.bias[0]))
+        return {**scripted, "total": next(totals, 2.0)}
+    monkeypatch.setattr(vae_lstm, "train_epoch", train_epoch)
+    monkeypatch.setattr(vae_lstm, "evaluate", evaluate)
+    return evaluated
 
 
-def test_kl_equals_torch_distributions():
-    mu, logvar = torch.randn(8, 64), torch.randn(8, 64)
-    x = torch.rand(8, 1, 28, 28)
-    recon = torch.rand(8, 1, 28, 28).clamp(0.01, 0.99)
-    total, bce, kl = vae_loss(recon, x, mu, logvar, kl_weight=2.0)
-    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
-    p = torch.distributions.Normal(torch.zeros(64), torch.ones(64))
-    torch.testing.assert_close(kl, torch.distributions.kl_divergence(q, p).sum())
-    torch.testing.assert_close(bce, -(x * recon.log() + (1 - x) * (1 - recon).log()).sum())
-    torch.testing.assert_close(total, bce + 2.0 * kl)
+def raise_in_epoch(monkeypatch, epoch, stop):
+    """train_epoch, but `stop()` at the start of `epoch`."""
+    train_epoch = vae_lstm.train_epoch
+
+    def stopped(*args):
+        if args[5] == epoch:
+            stop()
+        return train_epoch(*args)
+    monkeypatch.setattr(vae_lstm, "train_epoch", stopped)
 
 
-def deterministic_vae():
-    """A VAE whose sigma is ~exp(-50): z = mu, so its losses do not depend on the noise."""
-    torch.manual_seed(1)
-    model = VAE()
-    with torch.no_grad():
-        model.encoder_logvar.weight.zero_()
-        model.encoder_logvar.bias.fill_(-100.0)
-    return model
+def press_ctrl_c(*args):
+    raise KeyboardInterrupt
 
 
-def test_losses_are_averaged_over_the_images_seen_with_a_short_last_batch():
-    model, images = deterministic_vae(), torch.rand(100, 28, 28)  # batches of 64 and 36
-    recon, mu, logvar = model(images)
-    expected = [value.item() / 100 for value in vae_loss(recon, images, mu, logvar)]
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)  # a pass that changes no weight
-    for result in (train_epoch(model, optimizer, images, 64, 1.0, epoch=1), evaluate(model, images)):
-        assert [result["total"], result["bce"], result["kl"]] == pytest.approx(expected, rel=1e-5)
-        assert result["total"] != pytest.approx(expected[0] * 100 / 128, rel=1e-3)  # the report's batches x 64
+# ==============================================================================================================
+# Part 1. The report's experiment: data and split, model, loss, training and validation, test, generation
+# ==============================================================================================================
 
-
-# ----------------------------------------------------------------------------------------------
-# Data and split
-
+# ------------------------------------------------------------------------------------- Data and split (section 2)
 
 def test_split_is_the_report_legacy_numpy_shuffle():
     np.random.seed(3136)
@@ -239,9 +251,279 @@ def test_real_mnist_loads_splits_and_trains_briefly():
     assert 0 < after["kl"] < after["bce"]
 
 
-# ----------------------------------------------------------------------------------------------
-# Training: early stopping, checkpoints, the whole command line
+@pytest.mark.parametrize("make_data_dir, words", [
+    (lambda tiny, tmp: tmp / "missing", ["4 of its files missing"]),
+    (lambda tiny, tmp: (tmp / "empty").mkdir() or tmp / "empty", ["4 of its files missing"]),
+    (lambda tiny, tmp: altered_copy(tiny, tmp, "train-images-idx3-ubyte", lambda data: data[:5000]),
+     ["invalid for input of size"]),  # truncated
+    (lambda tiny, tmp: altered_copy(tiny, tmp, "train-images-idx3-ubyte", lambda data: b"\x00\x00\x07\x09" + data[4:]),
+     ["AssertionError"]),  # a bad magic number
+], ids=["missing", "empty", "truncated", "corrupt"])
+def test_unreadable_data_is_one_clear_line(make_data_dir, words, tiny_mnist, tmp_path, capsys):
+    data_dir = make_data_dir(tiny_mnist, tmp_path)
+    assert main(["train", "--data-dir", str(data_dir), "--out", str(tmp_path / "run")]) == 2
+    one_error_line(capsys.readouterr(), f"cannot read MNIST from {data_dir / 'MNIST' / 'raw'}",
+                   "train-images-idx3-ubyte", *words)
+    assert not (tmp_path / "run" / "last.pt").exists()
 
+
+def test_images_of_another_size_are_not_mnist(tiny_mnist, tmp_path, capsys):
+    data_dir = altered_copy(tiny_mnist, tmp_path, "train-images-idx3-ubyte",
+                            lambda data: idx_bytes(np.zeros((TINY_TRAIN, 20, 20))))
+    assert main(train_args(data_dir, tmp_path / "run")) == 2
+    one_error_line(capsys.readouterr(), "does not hold MNIST: images of shape (200, 20, 20)")
+
+
+def test_a_validation_fraction_that_leaves_an_empty_split_is_one_line(tiny_mnist, tmp_path, capsys):
+    assert main(train_args(tiny_mnist, tmp_path, "--val-fraction", "0.001")) == 2  # 0.2 of an image
+    one_error_line(capsys.readouterr(), "--val-fraction 0.001 leaves an empty split of 200 images")
+
+
+# ------------------------------------------------------------------------------------ Model (section 1, Figure 1)
+
+@pytest.mark.parametrize("shape", [(5, 28, 28), (5, 1, 28, 28)])
+def test_model_has_the_report_layers_and_parameter_count(shape):
+    model = VAE()
+    assert {name: tuple(p.shape) for name, p in model.state_dict().items()} == REPORT_PARAMETERS
+    assert sum(p.numel() for p in model.parameters()) == 175_665
+    layers = str(model)
+    assert "LSTM(28, 64, batch_first=True, bidirectional=True)" in layers
+    assert "ConvTranspose2d(32, 16, kernel_size=(4, 4), stride=(2, 2), padding=(1, 1))" in layers
+    recon, mu, logvar = model(torch.rand(shape))
+    assert recon.shape == (5, 1, 28, 28) and mu.shape == logvar.shape == (5, 64)
+    assert 0 <= recon.min() and recon.max() <= 1
+
+
+@pytest.mark.parametrize("kept, row", [(slice(0, 64), 0), (slice(0, 64), 27), (slice(64, 128), 0),
+                                       (slice(64, 128), 27)], ids=["forward-first", "forward-last", "backward-first",
+                                                                   "backward-last"])
+def test_each_direction_of_the_encoder_reads_every_row_into_mu(kept, row):
+    torch.manual_seed(0)
+    model, x = VAE(), torch.rand(1, 28, 28)
+    with torch.no_grad():  # mu from one direction's final state only
+        weight = model.encoder_mu.weight.clone()
+        model.encoder_mu.weight.zero_()
+        model.encoder_mu.weight[:, kept] = weight[:, kept]
+    changed = x.clone()  # the first row reaches the end of the backward pass, the last that of the forward
+    changed[0, row] = 1 - changed[0, row]
+    assert not torch.allclose(model.encode(changed)[0], model.encode(x)[0])
+
+
+@pytest.mark.parametrize("direction, output", [("", "mu"), ("_reverse", "logvar")])
+def test_without_the_encoder_fc_mu_is_the_forward_final_state_and_logvar_the_backward(direction, output):
+    torch.manual_seed(0)  # the report's first encoder
+    model, x = VAE(variant(encoder_fc=False, hidden_size=16, latent_dim=16)), torch.rand(3, 28, 28)
+    codes = dict(zip(("mu", "logvar"), model.encode(x)))
+    one_way = torch.nn.LSTM(28, 16, batch_first=True)
+    one_way.load_state_dict({name: model.encoder_lstm.state_dict()[name + direction]
+                             for name in one_way.state_dict()})
+    _, (hidden, _) = one_way(x if direction == "" else x.flip(1))  # the backward direction reads the rows upwards
+    torch.testing.assert_close(codes[output], hidden[0], rtol=0, atol=1e-6)
+
+
+def lstm_parameters(hidden, directions):
+    return directions * 4 * hidden * (28 + hidden + 2)  # input and recurrent weights, two biases, four gates
+
+
+def linear_parameters(inputs, outputs):
+    return inputs * outputs + outputs
+
+
+def decoder_parameters(first_channels):  # the transposed convolutions: 4x4 kernels, a bias per output channel
+    return sum(i * o * 16 + o for i, o in ((first_channels, 64), (64, 32), (32, 16), (16, 1)))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], lstm_parameters(64, 2) + 2 * linear_parameters(128, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
+    (["--unidirectional"],
+     lstm_parameters(64, 1) + 2 * linear_parameters(64, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
+    (["--no-encoder-fc"], lstm_parameters(64, 2) + linear_parameters(64, 64) + decoder_parameters(64)),
+    (["--no-decoder-fc"], lstm_parameters(64, 2) + 2 * linear_parameters(128, 64) + decoder_parameters(64)),
+    (["--latent-dim", "16"],
+     lstm_parameters(64, 2) + 2 * linear_parameters(128, 16) + linear_parameters(16, 64) + decoder_parameters(64)),
+    (["--hidden-size", "32"],
+     lstm_parameters(32, 2) + 2 * linear_parameters(64, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
+    (["--hidden-size", "128"],
+     lstm_parameters(128, 2) + 2 * linear_parameters(256, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
+    (["--no-encoder-fc", "--hidden-size", "16", "--no-decoder-fc"], lstm_parameters(16, 2) + decoder_parameters(16)),
+], ids=["report", "unidirectional", "no-encoder-fc", "no-decoder-fc", "latent-16", "hidden-32", "hidden-128",
+        "report-first-model"])
+def test_each_design_flag_builds_the_parameters_it_should(flags, expected):
+    model = VAE(vae_lstm.config_of(vae_lstm.parse_args(["train", *flags])))
+    assert sum(p.numel() for p in model.parameters()) == expected
+    recon, mu, logvar = model(torch.rand(3, 28, 28))
+    assert recon.shape == (3, 1, 28, 28) and mu.shape == logvar.shape == (3, model.latent_dim)
+    if not flags:
+        assert expected == 175_665
+
+
+class ReportCodeVAE(torch.nn.Module):
+    """The report code's model class, with its arguments bidirect, zdim and encoder_fc_out_size."""
+
+    def __init__(self, bidirect=True, zdim=64, encoder_fc_out_size=64):
+        super().__init__()
+        self.encoder_lstm = torch.nn.LSTM(28, zdim, batch_first=True, bidirectional=bidirect)
+        self.encoder_mu = torch.nn.Linear(zdim * (2 if bidirect else 1), encoder_fc_out_size)
+        self.encoder_logvar = torch.nn.Linear(zdim * (2 if bidirect else 1), encoder_fc_out_size)
+        self.decoder_fc = torch.nn.Linear(encoder_fc_out_size, 64)
+        self.decoder_list = torch.nn.ModuleList([
+            torch.nn.ConvTranspose2d(64, 64, 4, 1), torch.nn.ConvTranspose2d(64, 32, 4, 1),
+            torch.nn.ConvTranspose2d(32, 16, 4, 2, 1), torch.nn.ConvTranspose2d(16, 1, 4, 2, 1)])
+
+
+@pytest.mark.parametrize("flags, report_arguments", [
+    (["--unidirectional"], {"bidirect": False}),
+    (["--hidden-size", "32"], {"zdim": 32}),
+    (["--hidden-size", "128"], {"zdim": 128}),
+    (["--latent-dim", "16"], {"encoder_fc_out_size": 16}),
+])
+def test_variants_the_report_code_can_build_load_strictly_into_it(flags, report_arguments):
+    model = VAE(vae_lstm.config_of(vae_lstm.parse_args(["train", *flags])))
+    ReportCodeVAE(**report_arguments).load_state_dict(model.state_dict(), strict=True)
+
+
+def test_a_bare_state_dict_of_the_report_code_loads_as_the_report_model(tmp_path):
+    torch.manual_seed(0)
+    report_weights = ReportCodeVAE().state_dict()
+    torch.save(report_weights, tmp_path / "report.pt")  # what the report's code saved: weights, no config
+    model, config = vae_lstm.load_model(tmp_path / "report.pt", "cpu")
+    assert config == CONFIG
+    assert model.state_dict().keys() == report_weights.keys()
+    assert all(torch.equal(model.state_dict()[name], weights) for name, weights in report_weights.items())
+
+
+def test_a_checkpoint_round_trips_with_its_config(tmp_path):
+    model = VAE(variant(latent_dim=16))
+    vae_lstm.save_checkpoint({"config": variant(latent_dim=16), "model": model.state_dict(), "epoch": 1,
+                              "val_loss": 1.0}, tmp_path / "best_model.pt")
+    loaded, config = vae_lstm.load_model(tmp_path / "best_model.pt", "cpu")
+    assert config == variant(latent_dim=16)
+    x = torch.rand(4, 28, 28)
+    expected = model.eval()(x, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(loaded.eval()(x, torch.Generator().manual_seed(0))[0], expected)
+
+
+class CodeCarrier:
+    """A pickle that, when loaded without weights_only, runs code: it creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+BAD_CHECKPOINTS = {  # what each holds, and the words of its one line
+    "missing": (None, ["no checkpoint at", "or use a published model, --checkpoint "
+                                           "docs/runs/design-report-seed0/best_model.pt"]),
+    "truncated": (lambda good, marker: good.read_bytes()[:20000], ["not a whole file written by torch.save"]),
+    "not_a_checkpoint": (lambda good, marker: b"these are not the weights you are looking for",
+                         ["not a whole file written by torch.save"]),
+    "a_list": (lambda good, marker: torch_bytes([1, 2]), ["is not a checkpoint: it holds a list"]),
+    "other_layer_sizes": (lambda good, marker: torch_bytes({"config": CONFIG,
+                                                            "model": VAE(variant(latent_dim=32)).state_dict()}),
+                          ["does not hold this model's weights", "size mismatch"]),
+    "nan_weights": (lambda good, marker: torch_bytes({"config": CONFIG, "model": nan_weights()}), ["NaN or inf"]),
+    "carries_code": (lambda good, marker: pickle.dumps({"config": CONFIG, "model": CodeCarrier(str(marker))}),
+                     ["weights_only=True) refused it", "nothing in it was run"]),
+}
+
+
+def torch_bytes(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def nan_weights():
+    weights = VAE().state_dict()
+    weights["decoder_fc.bias"][3] = math.nan
+    return weights
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "explore"])
+@pytest.mark.parametrize("kind", BAD_CHECKPOINTS)
+def test_bad_checkpoints_are_refused(kind, command, reference_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(HERE)  # where the README's commands run, so that the published model's path is as shown
+    path, marker = tmp_path / "model.pt", tmp_path / "code_ran"
+    make, words = BAD_CHECKPOINTS[kind]
+    if make:
+        path.write_bytes(make(reference_run[0] / "best_model.pt", marker))
+    written = tmp_path / "written"
+    options = {"generate": ["--out", str(written / "digits.png")],
+               "evaluate": ["--data-dir", "unused", "--json", str(written / "e.json")],
+               "explore": ["--data-dir", "unused", "--out", str(written)]}[command]
+    assert main([command, "--checkpoint", str(path), *options]) == 2
+    one_error_line(capsys.readouterr(), str(path), *words)
+    assert not marker.exists() and not written.exists()
+
+
+# ------------------------------------- Loss (section 1.4; the report's KL formula has a typo, its code's is this)
+
+def test_kl_equals_torch_distributions():
+    mu, logvar = torch.randn(8, 64), torch.randn(8, 64)
+    x = torch.rand(8, 1, 28, 28)
+    recon = torch.rand(8, 1, 28, 28).clamp(0.01, 0.99)
+    total, bce, kl = vae_loss(recon, x, mu, logvar, kl_weight=2.0)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros(64), torch.ones(64))
+    torch.testing.assert_close(kl, torch.distributions.kl_divergence(q, p).sum())
+    torch.testing.assert_close(bce, -(x * recon.log() + (1 - x) * (1 - recon).log()).sum())
+    torch.testing.assert_close(total, bce + 2.0 * kl)
+
+
+def deterministic_vae():
+    """A VAE whose sigma is ~exp(-50): z = mu, so its losses do not depend on the noise."""
+    torch.manual_seed(1)
+    model = VAE()
+    with torch.no_grad():
+        model.encoder_logvar.weight.zero_()
+        model.encoder_logvar.bias.fill_(-100.0)
+    return model
+
+
+@pytest.mark.parametrize("measure", [
+    lambda model, images: train_epoch(model, torch.optim.Adam(model.parameters(), lr=0.0), images, 64, 1.0, epoch=1),
+    lambda model, images: evaluate(model, images),
+], ids=["train_epoch", "evaluate"])
+def test_losses_are_averaged_over_the_images_seen_with_a_short_last_batch(measure):
+    model, images = deterministic_vae(), torch.rand(100, 28, 28)  # batches of 64 and 36
+    recon, mu, logvar = model(images)
+    expected = [value.item() / 100 for value in vae_loss(recon, images, mu, logvar)]
+    result = measure(model, images)  # an Adam step of lr 0 changes no weight
+    assert [result["total"], result["bce"], result["kl"]] == pytest.approx(expected, rel=1e-5)
+    assert result["total"] != pytest.approx(expected[0] * 100 / 128, rel=1e-3)  # the report's batches x 64
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every operation's float64 outputs, and every random draw's generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.float64, self.draws = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if any(word in str(func) for word in ("rand", "normal", "bernoulli")):
+            self.draws.append((str(func), kwargs.get("generator")))
+        self.float64 += [str(func) for tensor in tree_leaves(out)
+                         if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float64]
+        return out
+
+
+def test_training_and_evaluation_make_no_float64_tensor():  # MPS has none: the sums are made on the host
+    torch.manual_seed(0)
+    model, images = VAE(), torch.rand(100, 28, 28)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    with OpRecorder() as recorder:
+        train_epoch(model, optimizer, images, 64, 1.0, epoch=1, binarize=True)
+        evaluate(model, images)
+        vae_lstm.importance_weighted_nll(model, images[:3], 10)
+    assert recorder.float64 == []
+
+
+# ------------------------------------------------------------ Training, validation and early stopping (section 2)
 
 def test_early_stopping_counts_epochs_without_improvement():
     stopper = EarlyStopping(patience=2)
@@ -251,19 +533,7 @@ def test_early_stopping_counts_epochs_without_improvement():
 
 def test_training_stops_at_the_right_epoch_keeps_the_best_and_resumes_to_nothing(tiny_mnist, tmp_path, monkeypatch,
                                                                                 capsys):
-    val_totals = iter([9.0, 8.0, 7.0, 7.5, 7.2, 7.0, 8.0])  # best at 3, then 3 epochs without a better one
-    scripted, evaluated = {"bce": 1.0, "kl": 1.0, "total": 2.0}, []
-
-    def train_epoch(model, *args):  # each epoch leaves its number in a weight
-        with torch.no_grad():
-            model.decoder_fc.bias[0] = args[4]
-        return scripted
-
-    def evaluate(model, *args):
-        evaluated.append(int(model.decoder_fc.bias[0]))
-        return {**scripted, "total": next(val_totals, 2.0)}
-    monkeypatch.setattr(vae_lstm, "train_epoch", train_epoch)
-    monkeypatch.setattr(vae_lstm, "evaluate", evaluate)
+    evaluated = scripted_training(monkeypatch, [9.0, 8.0, 7.0, 7.5, 7.2, 7.0, 8.0])  # best at 3, then 3 not better
     assert main(train_args(tiny_mnist, tmp_path, "--epochs", "50", "--patience", "3")) == 0
     results = read_results(tmp_path)
     assert results["epochs_run"] == 6 and results["best_epoch"] == 3
@@ -272,28 +542,117 @@ def test_training_stops_at_the_right_epoch_keeps_the_best_and_resumes_to_nothing
     assert evaluated == [1, 2, 3, 4, 5, 6, 3, 3, 3]  # validation after each epoch, then the best model tested
     capsys.readouterr()
 
-    def no_training(*args):
-        raise AssertionError("trained again")
-    monkeypatch.setattr(vae_lstm, "train_epoch", no_training)
+    monkeypatch.setattr(vae_lstm, "train_epoch", lambda *args: pytest.fail("trained again"))
     assert main(train_args(tiny_mnist, tmp_path, "--epochs", "80", "--patience", "3", "--resume")) == 0
     assert "early stopping ended this run at epoch 6" in capsys.readouterr().out
     results = read_results(tmp_path)
     assert results["epochs_run"] == 6 and results["stop_reason"].startswith("early stopping")
 
 
-def test_checkpoint_round_trip_and_a_bare_report_state_dict(tmp_path):
-    model = VAE()
-    vae_lstm.save_checkpoint({"config": CONFIG, "model": model.state_dict(), "epoch": 1,
-                              "val_loss": 1.0}, tmp_path / "best_model.pt")
-    torch.save(model.state_dict(), tmp_path / "report.pt")  # what the report's code saved
-    x = torch.rand(4, 28, 28)
-    expected = model.eval()(x, torch.Generator().manual_seed(0))[0]
-    for name in ("best_model.pt", "report.pt"):
-        loaded, config = vae_lstm.load_model(tmp_path / name, "cpu")
-        assert config["latent_dim"] == 64
-        assert torch.equal(loaded.eval()(x, torch.Generator().manual_seed(0))[0], expected)
-    VAE().load_state_dict(torch.load(tmp_path / "report.pt", weights_only=True), strict=True)
+def test_the_best_model_is_tested_not_the_last(tiny_mnist, tmp_path, monkeypatch):
+    train_epoch = vae_lstm.train_epoch
 
+    def second_epoch_wrecks_the_decoder(model, *args):  # so that epoch 1 stays the best
+        losses_of_the_epoch = train_epoch(model, *args)
+        if args[4] == 2:
+            with torch.no_grad():
+                model.decoder_list[3].bias.fill_(5.0)
+        return losses_of_the_epoch
+    monkeypatch.setattr(vae_lstm, "train_epoch", second_epoch_wrecks_the_decoder)
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "2")) == 0
+    results, test_images = read_results(tmp_path), vae_lstm.load_mnist(tiny_mnist, train=False)
+    best, _ = vae_lstm.load_model(tmp_path / "best_model.pt", "cpu")
+    last = VAE().eval()
+    last.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True)["model"])
+    assert results["best_epoch"] == 1 and results["test"] == evaluate(best, test_images)
+    assert results["test"]["total"] < evaluate(last, test_images)["total"] - 100
+
+
+def test_the_kl_weight_weighs_the_kl_in_training_validation_test_and_evaluate(tiny_mnist, tmp_path):
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "1", "--kl-weight", "0.25")) == 0
+    epoch = next(csv.DictReader(io.StringIO((tmp_path / "history.csv").read_text())))
+    for split in ("train", "val"):
+        bce, kl, total = (float(epoch[f"{split}_{part}"]) for part in ("bce", "kl", "total"))
+        assert total == pytest.approx(bce + 0.25 * kl, rel=1e-6) and kl > 1e-3, split
+    results = read_results(tmp_path)
+    assert results["test"]["total"] == pytest.approx(results["test"]["bce"] + 0.25 * results["test"]["kl"], rel=1e-6)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "best_model.pt"), "--data-dir", str(tiny_mnist)]) == 0
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["total"] == pytest.approx(results["test"]["total"], rel=1e-6)
+
+
+@pytest.fixture
+def no_read_back(monkeypatch):
+    """Any read of a tensor's value by the host fails: on a GPU each would wait for the queued work."""
+    def read_back(*args, **kwargs):
+        raise AssertionError("a value was read back from the device")
+
+    for name in ("__bool__", "__float__", "__int__", "item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+    return monkeypatch
+
+
+def test_the_training_step_reads_nothing_back_from_the_device(no_read_back):
+    torch.manual_seed(0)
+    model, x = VAE(), torch.rand(64, 28, 28)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    steps = [vae_lstm.train_step(model, optimizer, x, 1.0) for _ in range(2)]
+    no_read_back.undo()
+    assert all(finite.item() for _, finite in steps) and steps[1][0][0] < steps[0][0][0]
+
+
+def test_a_nan_reconstruction_never_reaches_the_bce(monkeypatch):  # CUDA's BCE kernel would kill the process
+    model, x = VAE(), torch.rand(8, 28, 28)
+    with torch.no_grad():
+        model.decoder_list[3].bias.fill_(math.nan)
+    seen = []
+    monkeypatch.setattr(vae_lstm, "vae_loss", lambda recon, *args: seen.append(bool(recon.isfinite().all()))
+                        or vae_loss(recon, *args))
+    losses, finite = vae_lstm.train_step(model, torch.optim.Adam(model.parameters()), x, 1.0)
+    assert seen == [True] and not finite
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_best_model(tiny_mnist, tmp_path, monkeypatch, capsys):
+    calls = {"training": 0}
+
+    def loss_that_explodes(recon, x, mu, logvar, kl_weight=1.0):
+        total, bce, kl = vae_loss(recon, x, mu, logvar, kl_weight)
+        calls["training"] += torch.is_grad_enabled()
+        return (total * math.nan if calls["training"] == 5 else total), bce, kl  # epoch 2, batch 2 of 3
+
+    monkeypatch.setattr(vae_lstm, "vae_loss", loss_that_explodes)
+    assert main(train_args(tiny_mnist, tmp_path)) == 2
+    one_error_line(capsys.readouterr(), "training diverged in epoch 2, batch 2 of 3: the loss is nan", "--lr")
+    assert torch.load(tmp_path / "best_model.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_a_diverging_run_stops_with_one_line(tiny_mnist, tmp_path, capsys):
+    assert main(train_args(tiny_mnist, tmp_path, "--lr", "1e6")) == 2  # the first step wrecks the weights
+    one_error_line(capsys.readouterr(), "training diverged in epoch 1, batch 2 of 3: the reconstructions hold NaN",
+                   "saved checkpoints are as they were", "--lr")
+    assert not (tmp_path / "best_model.pt").exists() and not (tmp_path / "results.json").exists()
+
+
+LOSS_PARTS = [f"{split} {part}" for split in ("train", "val") for part in ("total", "bce", "kl")]
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_the_loss_plot_draws_each_curve_through_its_marked_values(epochs, drawn, tmp_path):
+    history = [{"epoch": epoch, **{name.replace(" ", "_"): 100.0 * (1 + column) + epoch
+                                   for column, name in enumerate(LOSS_PARTS)}} for epoch in range(1, epochs + 1)]
+    vae_lstm.plot_losses(history, epochs, tmp_path / "loss_plot.png")
+    curves = {line.get_label(): line for line in drawn["loss_plot.png"].axes[0].lines}
+    assert set(curves) == {*LOSS_PARTS, f"best epoch ({epochs})"}
+    for name in LOSS_PARTS:
+        assert list(curves[name].get_xdata()) == list(range(1, epochs + 1))
+        assert list(curves[name].get_ydata()) == [row[name.replace(" ", "_")] for row in history], name
+        assert curves[name].get_marker() == "o", name  # one epoch draws no line, but its points
+    assert list(curves[f"best epoch ({epochs})"].get_xdata()) == [epochs, epochs]
+
+
+# ------------------------------------------ Test (section 3): the best model, under torch.no_grad(), never a step
 
 def test_train_command_writes_every_artifact(reference_run):
     out, stdout = reference_run
@@ -310,7 +669,7 @@ def test_train_command_writes_every_artifact(reference_run):
     results = read_results(out)
     assert results["best_epoch"] == checkpoint["epoch"] and results["epochs_run"] == TINY_EPOCHS
     assert results["stop_reason"] == f"reached --epochs {TINY_EPOCHS}"
-    assert results["val"]["total"] == pytest.approx(checkpoint["val_loss"], rel=1e-6)  # the best model was tested
+    assert results["val"]["total"] == pytest.approx(checkpoint["val_loss"], rel=1e-6)  # of the model saved
     for split in ("train", "val", "test"):
         bce, kl, total = (results[split][name] for name in ("bce", "kl", "total"))
         assert 0 < kl and 0 < bce < 784 * math.log(2) * 2 and total == pytest.approx(bce + kl)
@@ -318,10 +677,10 @@ def test_train_command_writes_every_artifact(reference_run):
     assert "97.57" in stdout and f"{results['test']['total']:.2f}" in stdout  # beside the report's numbers
 
     assert Image.open(out / "loss_plot.png").size == (700, 450)
-    for name, size in (("train_reconstruction.png", (302, 62)), ("test_reconstruction.png", (302, 62)),
-                       ("generated.png", (302, 302))):
-        pixels = np.asarray(Image.open(out / name).convert("L"), dtype=float)
-        assert pixels.shape[::-1] == size and pixels.std() > 10, name  # a grid of 28x28 images, not blank
+    for name in ("train_reconstruction.png", "test_reconstruction.png"):
+        cells = digit_cells(out / name, 2, 10)  # ten originals above their reconstructions
+        assert_every_cell_is_drawn(cells)
+    assert_every_cell_is_drawn(digit_cells(out / "generated.png", 10, 10))
     written = ["best_model.pt", "last.pt", "history.csv", "results.json", "loss_plot.png", "train_reconstruction.png",
                "test_reconstruction.png", "generated.png", *vae_lstm.EXPLORATION_FILES]
     umask = os.umask(0o022)
@@ -330,76 +689,15 @@ def test_train_command_writes_every_artifact(reference_run):
                                                                                                0o666 & ~umask)
 
 
-def test_generate_and_evaluate_commands(reference_run, tiny_mnist, capsys):
-    out = reference_run[0]
-    checkpoint = out / "best_model.pt"
-    assert main(["generate", "--checkpoint", str(checkpoint), "--n", "7", "--out", str(out / "seven.png")]) == 0
-    assert Image.open(out / "seven.png").size == (2 + 7 * 30, 32)  # one row of 7, torchvision's 2-pixel padding
+def test_the_reconstructions_are_the_first_test_images_above_their_decodings(reference_run, tiny_mnist):
+    cells = digit_cells(reference_run[0] / "test_reconstruction.png", 2, 10)
+    images = vae_lstm.load_mnist(tiny_mnist, train=False)[:10]
+    np.testing.assert_allclose(cells[0], images.numpy() * 255, atol=1)
+    model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
+    with torch.no_grad():
+        recon = model.eval()(images, torch.Generator().manual_seed(vae_lstm.EVAL_SEED))[0]
+    np.testing.assert_allclose(cells[1], recon.squeeze(1).numpy() * 255, atol=1)
 
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--iw-samples", "5"]) == 0
-    evaluation = json.loads((out / "evaluation.json").read_text())
-    results = read_results(out)
-    assert evaluation["images"] == TINY_TEST and evaluation["iw_samples"] == 5
-    assert evaluation["total"] == pytest.approx(results["test"]["total"], rel=1e-6)  # same z: same numbers
-    assert 0 < evaluation["iw_bound"] < evaluation["total"] + 5 and "iw_nll" not in evaluation  # grey levels
-    assert "not a log-likelihood" in evaluation["iw_meaning"] and evaluation["iw_seconds"] > 0
-    assert "bound of the report's objective" in capsys.readouterr().out
-
-
-# ----------------------------------------------------------------------------------------------
-# The importance-weighted estimate (of -log p(x) where the pixels are binary)
-
-
-def test_importance_weighted_estimate_with_one_sample_is_the_negative_elbo_of_that_z():
-    model, x = VAE().eval(), torch.rand(6, 28, 28)
-    estimate = vae_lstm.importance_weighted_nll(model, x, n_samples=1)
-    mu, logvar = model.encode(x)
-    generator = torch.Generator().manual_seed(vae_lstm.EVAL_SEED)
-    z = model.reparametrize(mu, logvar, generator)
-    bce = torch.nn.functional.binary_cross_entropy(model.decode(z), x.unsqueeze(1), reduction="none").sum((1, 2, 3))
-    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
-    log_p_z = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
-    torch.testing.assert_close(estimate, (bce - log_p_z + q.log_prob(z).sum(1)).detach(), rtol=1e-5, atol=1e-3)
-
-
-def test_the_importance_weighted_estimate_tightens_as_k_grows():
-    torch.manual_seed(0)
-    model, x = VAE().eval(), torch.rand(10, 28, 28)
-    with torch.no_grad():  # a posterior of sigma = e^0.5 around mu = 1: far from the prior, so K matters
-        model.encoder_mu.bias.fill_(1.0)
-        model.encoder_logvar.bias.fill_(1.0)
-    estimates = [vae_lstm.importance_weighted_nll(model, x, k).mean().item() for k in (1, 10, 300)]
-    assert estimates[0] > estimates[1] + 10 > estimates[2] + 20 > 20  # the negative ELBO, then ever tighter bounds
-
-
-def test_fast_importance_weighted_estimate_equals_the_straightforward_computation_for_the_same_draws():
-    model, x, n_samples = VAE().eval(), torch.rand(6, 28, 28), 37
-    fast = vae_lstm.importance_weighted_nll(model, x, n_samples, chunk=50)  # chunks that straddle images
-
-    mu, logvar = model.encode(x)  # as the code did before: one draw, one decoder call, torch.distributions
-    eps = torch.randn((6, n_samples, 64), generator=torch.Generator().manual_seed(vae_lstm.EVAL_SEED))
-    z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
-    recon = model.decode(z.reshape(-1, 64)).reshape(6, n_samples, 784)
-    target = x.reshape(6, 1, 784).expand_as(recon)
-    log_likelihood = -torch.nn.functional.binary_cross_entropy(recon, target, reduction="none").sum(-1)
-    posterior = torch.distributions.Normal(mu.unsqueeze(1), torch.exp(0.5 * logvar).unsqueeze(1))
-    prior = torch.distributions.Normal(0.0, 1.0)
-    log_weights = log_likelihood + prior.log_prob(z).sum(-1) - posterior.log_prob(z).sum(-1)
-    expected = math.log(n_samples) - torch.logsumexp(log_weights, dim=1)
-    torch.testing.assert_close(fast, expected.detach(), rtol=1e-5, atol=1e-3)
-    assert model.decoder_list[1].weight.is_contiguous()  # the caller's model keeps its layout
-
-
-def test_the_fast_decoder_equals_decode_for_every_decoder(monkeypatch):
-    for model in (VAE(), VAE(variant(latent_dim=16, decoder_fc=False)),
-                  VAE(variant(hidden_size=32, latent_dim=32, encoder_fc=False))):
-        z = torch.randn(300, model.latent_dim)
-        with torch.no_grad():
-            torch.testing.assert_close(vae_lstm.fast_decoder(model.eval())(z), model.decode(z), rtol=1e-5, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------------------------
-# Binarized MNIST (Burda et al., 2016): dynamic binarization for training, a fixed one for measuring
 
 # The nine losses of the tiny reference run by the code before --binarize and the design flags existed, on an
 # AMD EPYC with torch 2.14.1. Another CPU or torch build rounds differently (about 1e-6 here); one more random
@@ -418,6 +716,97 @@ def test_without_the_new_flags_a_run_gives_the_numbers_of_the_code_before_them(r
     assert checkpoint["config"]["binarize"] is False and checkpoint["config"]["hidden_size"] == 64
     assert losses(read_results(reference_run[0])) == pytest.approx(LOSSES_BEFORE_THE_FLAGS, rel=1e-4)
 
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_evaluate_measures_the_split_it_names_as_train_did(split, reference_run, tiny_mnist, tmp_path, capsys):
+    out = reference_run[0]
+    assert main(["evaluate", "--checkpoint", str(out / "best_model.pt"), "--data-dir", str(tiny_mnist), "--split",
+                 split, "--json", str(tmp_path / "evaluation.json")]) == 0
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["split"] == split and evaluation["images"] == {"train": 180, "val": 20, "test": TINY_TEST}[split]
+    for part in ("bce", "kl", "total"):  # the same z, so the numbers that train measured
+        assert evaluation[part] == pytest.approx(read_results(out)[split][part], rel=1e-6), part
+    assert evaluation["machine"] == vae_lstm.machine(torch.device("cpu"))  # where the numbers come from
+    assert f"{split}: {evaluation['images']} images, per image: BCE {evaluation['bce']:.2f}" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_a_model_whose_finite_weights_overflow(tmp_path, tiny_mnist, capsys):
+    weights = VAE().state_dict()
+    weights["decoder_fc.weight"].fill_(3e38)  # finite, but inf after the first layer, then inf - inf
+    torch.save({"config": CONFIG, "model": weights}, tmp_path / "huge.pt")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "huge.pt"), "--data-dir", str(tiny_mnist)]) == 2
+    one_error_line(capsys.readouterr(), "the model's reconstructions hold NaN or inf: its weights are not finite")
+
+
+@pytest.fixture(scope="module")
+def real_test_images():
+    return vae_lstm.load_mnist(real_mnist(), train=False)
+
+
+@pytest.mark.parametrize("run", PUBLISHED_RUNS)
+def test_each_published_model_gives_its_published_test_numbers(run, real_test_images):
+    folder = vae_lstm.PUBLISHED / run
+    model, config = vae_lstm.load_model(folder / "best_model.pt", "cpu")
+    published = json.loads((folder / "results.json").read_text())
+    assert config == published["config"] and (folder / "best_model.pt").stat().st_size < 2**20
+    measured = evaluate(model, vae_lstm.as_measured(real_test_images, config), config["kl_weight"])
+    assert measured == pytest.approx(published["test"], abs=1e-3)  # nats per image
+
+
+def test_the_published_models_are_those_of_the_readme():
+    shipped = sorted(path.parent.name for path in vae_lstm.PUBLISHED.glob("*/best_model.pt"))
+    assert shipped == PUBLISHED_RUNS
+    assert vae_lstm.PUBLISHED_MODEL.is_file() and str(vae_lstm.PUBLISHED_MODEL.relative_to(HERE)) in (
+        HERE / "README.md").read_text()
+
+
+# ------------------------------- Generation (the report's generator.py, which repeated the config, saved nothing)
+
+@pytest.mark.parametrize("n, nrow, rows, columns", [(7, 10, 1, 7), (6, 3, 2, 3), (5, 2, 3, 2)])
+def test_generate_draws_n_digits_nrow_to_a_row(n, nrow, rows, columns, reference_run, tmp_path, capsys):
+    path = tmp_path / "digits.png"
+    assert main(["generate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--n", str(n), "--nrow",
+                 str(nrow), "--out", str(path)]) == 0
+    assert capsys.readouterr().out == f"{n} generated digits written to {path}\n"
+    cells = digit_cells(path, rows, columns).reshape(-1, 28, 28)
+    assert_every_cell_is_drawn(cells[:n])
+    assert (cells[n:] == 128).all()  # the rest of the last row is padding's grey, as torchvision leaves it
+
+
+def test_what_the_user_reads_is_drawn_from_seeded_cpu_generators(tiny_mnist, tmp_path):
+    model, images = VAE().eval(), vae_lstm.load_mnist(tiny_mnist, train=False)
+    with OpRecorder() as recorder:
+        digits = vae_lstm.sample_digits(model, 5, seed=3)
+        evaluated = evaluate(model, images)
+        vae_lstm.importance_weighted_nll(model, images[:3], 10)
+        vae_lstm.save_reconstructions(model, images, tmp_path / "reconstructions.png")
+        vae_lstm.binarize_once(images)
+    assert len(recorder.draws) == 5  # digits, evaluate's z, the eps of the estimate, reconstructions, binarization
+    for draw, generator in recorder.draws:
+        assert generator is not None and generator.device.type == "cpu", draw  # never a device's, never the global
+    with torch.no_grad():
+        z = torch.randn((5, 64), generator=torch.Generator().manual_seed(3))
+        assert torch.equal(digits, model.decode(z))
+    assert evaluate(model, images) == evaluated
+
+
+def test_a_published_model_generates_without_training_and_leaves_the_published_files_alone(tmp_path, monkeypatch,
+                                                                                           capsys):
+    monkeypatch.chdir(tmp_path)  # a user's folder, outside the repository
+    published = sorted(path.stat().st_mtime_ns for path in vae_lstm.PUBLISHED.rglob("*"))
+    assert main(["generate", "--checkpoint", str(vae_lstm.PUBLISHED_MODEL)]) == 0
+    written = Path("runs", "published", "design-report-seed0", "generated.png")
+    assert capsys.readouterr().out == f"100 generated digits written to {written}\n"
+    assert_every_cell_is_drawn(digit_cells(written, 10, 10))
+    assert sorted(path.stat().st_mtime_ns for path in vae_lstm.PUBLISHED.rglob("*")) == published
+    assert vae_lstm.default_out(tmp_path / "run" / "best_model.pt") == tmp_path / "run"  # others: beside the model
+
+
+# ==============================================================================================================
+# Part 2. Beyond the report: binarized MNIST and the likelihood, the latent space, comparing runs
+# ==============================================================================================================
+
+# --------------------------------------------------------- Binarized MNIST (Burda et al., 2016; train --binarize)
 
 class RecordingVAE(VAE):
     """A VAE that keeps a copy of every batch it is trained on."""
@@ -486,101 +875,80 @@ def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path,
                                                                                                rel=1e-6)
 
 
-# ----------------------------------------------------------------------------------------------
-# The report's design choices (sections 1.1 and 1.3) as variants of its model
+# ------------------------------------------------------- The importance-weighted estimate (evaluate --iw-samples)
+
+def test_evaluate_adds_the_importance_weighted_bound_of_a_grey_level_model(reference_run, tiny_mnist, tmp_path,
+                                                                           capsys):
+    out = reference_run[0]
+    assert main(["evaluate", "--checkpoint", str(out / "best_model.pt"), "--data-dir", str(tiny_mnist),
+                 "--iw-samples", "5", "--json", str(tmp_path / "evaluation.json")]) == 0
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["images"] == TINY_TEST and evaluation["iw_samples"] == 5
+    assert evaluation["total"] == pytest.approx(read_results(out)["test"]["total"], rel=1e-6)  # same z, same numbers
+    assert 0 < evaluation["iw_bound"] < evaluation["total"] + 5 and "iw_nll" not in evaluation  # grey levels
+    assert "not a log-likelihood" in evaluation["iw_meaning"] and evaluation["iw_seconds"] > 0
+    assert "bound of the report's objective" in capsys.readouterr().out
 
 
-def lstm_parameters(hidden, directions):
-    return directions * 4 * hidden * (28 + hidden + 2)  # input and recurrent weights, two biases, four gates
+def test_importance_weighted_estimate_with_one_sample_is_the_negative_elbo_of_that_z():
+    model, x = VAE().eval(), torch.rand(6, 28, 28)
+    estimate = vae_lstm.importance_weighted_nll(model, x, n_samples=1)
+    mu, logvar = model.encode(x)
+    generator = torch.Generator().manual_seed(vae_lstm.EVAL_SEED)
+    z = model.reparametrize(mu, logvar, generator)
+    bce = torch.nn.functional.binary_cross_entropy(model.decode(z), x.unsqueeze(1), reduction="none").sum((1, 2, 3))
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    log_p_z = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
+    torch.testing.assert_close(estimate, (bce - log_p_z + q.log_prob(z).sum(1)).detach(), rtol=1e-5, atol=1e-3)
 
 
-def linear_parameters(inputs, outputs):
-    return inputs * outputs + outputs
+def test_the_importance_weighted_estimate_tightens_as_k_grows():
+    torch.manual_seed(0)
+    model, x = VAE().eval(), torch.rand(10, 28, 28)
+    with torch.no_grad():  # a posterior of sigma = e^0.5 around mu = 1: far from the prior, so K matters
+        model.encoder_mu.bias.fill_(1.0)
+        model.encoder_logvar.bias.fill_(1.0)
+    estimates = [vae_lstm.importance_weighted_nll(model, x, k).mean().item() for k in (1, 10, 300)]
+    assert estimates[0] > estimates[1] + 10 > estimates[2] + 20 > 20  # the negative ELBO, then ever tighter bounds
 
 
-def decoder_parameters(first_channels):  # the transposed convolutions: 4x4 kernels, a bias per output channel
-    return sum(i * o * 16 + o for i, o in ((first_channels, 64), (64, 32), (32, 16), (16, 1)))
+def test_fast_importance_weighted_estimate_equals_the_straightforward_computation_for_the_same_draws():
+    model, x, n_samples = VAE().eval(), torch.rand(6, 28, 28), 37
+    fast = vae_lstm.importance_weighted_nll(model, x, n_samples, chunk=50)  # chunks that straddle images
+
+    mu, logvar = model.encode(x)  # as the code did before: one draw, one decoder call, torch.distributions
+    eps = torch.randn((6, n_samples, 64), generator=torch.Generator().manual_seed(vae_lstm.EVAL_SEED))
+    z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+    recon = model.decode(z.reshape(-1, 64)).reshape(6, n_samples, 784)
+    target = x.reshape(6, 1, 784).expand_as(recon)
+    log_likelihood = -torch.nn.functional.binary_cross_entropy(recon, target, reduction="none").sum(-1)
+    posterior = torch.distributions.Normal(mu.unsqueeze(1), torch.exp(0.5 * logvar).unsqueeze(1))
+    prior = torch.distributions.Normal(0.0, 1.0)
+    log_weights = log_likelihood + prior.log_prob(z).sum(-1) - posterior.log_prob(z).sum(-1)
+    expected = math.log(n_samples) - torch.logsumexp(log_weights, dim=1)
+    torch.testing.assert_close(fast, expected.detach(), rtol=1e-5, atol=1e-3)
+    assert model.decoder_list[1].weight.is_contiguous()  # the caller's model keeps its layout
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ([], lstm_parameters(64, 2) + 2 * linear_parameters(128, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
-    (["--unidirectional"],
-     lstm_parameters(64, 1) + 2 * linear_parameters(64, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
-    (["--no-encoder-fc"], lstm_parameters(64, 2) + linear_parameters(64, 64) + decoder_parameters(64)),
-    (["--no-decoder-fc"], lstm_parameters(64, 2) + 2 * linear_parameters(128, 64) + decoder_parameters(64)),
-    (["--latent-dim", "16"],
-     lstm_parameters(64, 2) + 2 * linear_parameters(128, 16) + linear_parameters(16, 64) + decoder_parameters(64)),
-    (["--hidden-size", "32"],
-     lstm_parameters(32, 2) + 2 * linear_parameters(64, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
-    (["--hidden-size", "128"],
-     lstm_parameters(128, 2) + 2 * linear_parameters(256, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
-    (["--no-encoder-fc", "--hidden-size", "16", "--no-decoder-fc"], lstm_parameters(16, 2) + decoder_parameters(16)),
-], ids=["report", "unidirectional", "no-encoder-fc", "no-decoder-fc", "latent-16", "hidden-32", "hidden-128",
-        "report-first-model"])
-def test_each_design_flag_builds_the_parameters_it_should(flags, expected):
-    model = VAE(vae_lstm.config_of(vae_lstm.parse_args(["train", *flags])))
-    assert sum(p.numel() for p in model.parameters()) == expected
-    recon, mu, logvar = model(torch.rand(3, 28, 28))
-    assert recon.shape == (3, 1, 28, 28) and mu.shape == logvar.shape == (3, model.latent_dim)
-    if not flags:
-        assert expected == 175_665
+def test_the_estimate_over_several_batches_of_images_is_that_of_one_batch(monkeypatch):
+    torch.manual_seed(0)
+    model, x = VAE().eval(), torch.rand(12, 28, 28)
+    one_batch = vae_lstm.importance_weighted_nll(model, x, 10)
+    monkeypatch.setattr(vae_lstm, "IW_CODES", 50)  # batches of 5, 5 and 2 images, from one stream of draws
+    torch.testing.assert_close(vae_lstm.importance_weighted_nll(model, x, 10), one_batch, rtol=1e-6, atol=1e-4)
 
 
-class ReportCodeVAE(torch.nn.Module):
-    """The report code's model class, with its arguments bidirect, zdim and encoder_fc_out_size."""
-
-    def __init__(self, bidirect=True, zdim=64, encoder_fc_out_size=64):
-        super().__init__()
-        self.encoder_lstm = torch.nn.LSTM(28, zdim, batch_first=True, bidirectional=bidirect)
-        self.encoder_mu = torch.nn.Linear(zdim * (2 if bidirect else 1), encoder_fc_out_size)
-        self.encoder_logvar = torch.nn.Linear(zdim * (2 if bidirect else 1), encoder_fc_out_size)
-        self.decoder_fc = torch.nn.Linear(encoder_fc_out_size, 64)
-        self.decoder_list = torch.nn.ModuleList([
-            torch.nn.ConvTranspose2d(64, 64, 4, 1), torch.nn.ConvTranspose2d(64, 32, 4, 1),
-            torch.nn.ConvTranspose2d(32, 16, 4, 2, 1), torch.nn.ConvTranspose2d(16, 1, 4, 2, 1)])
+@pytest.mark.parametrize("config", [CONFIG, variant(latent_dim=16, decoder_fc=False),
+                                    variant(hidden_size=32, latent_dim=32, encoder_fc=False)],
+                         ids=["report", "no-decoder-fc", "no-encoder-fc"])
+def test_the_fast_decoder_equals_decode_for_every_decoder(config):
+    model = VAE(config).eval()
+    z = torch.randn(300, model.latent_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(vae_lstm.fast_decoder(model)(z), model.decode(z), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("flags, report_arguments", [
-    (["--unidirectional"], {"bidirect": False}),
-    (["--hidden-size", "32"], {"zdim": 32}),
-    (["--hidden-size", "128"], {"zdim": 128}),
-    (["--latent-dim", "16"], {"encoder_fc_out_size": 16}),
-])
-def test_variants_the_report_code_can_build_load_strictly_into_it(flags, report_arguments):
-    model = VAE(vae_lstm.config_of(vae_lstm.parse_args(["train", *flags])))
-    ReportCodeVAE(**report_arguments).load_state_dict(model.state_dict(), strict=True)
-
-
-@pytest.mark.parametrize("flags, words", [
-    (["--no-encoder-fc", "--unidirectional"], ["--no-encoder-fc", "--unidirectional"]),
-    (["--no-encoder-fc", "--latent-dim", "16"], ["--latent-dim must equal --hidden-size", "16 and 64"]),
-    (["--no-encoder-fc", "--hidden-size", "32", "--latent-dim", "64"], ["64 and 32"]),
-])
-def test_impossible_design_combinations_are_usage_errors(flags, words, tmp_path, capsys):
-    with pytest.raises(SystemExit) as stopped:
-        main(["train", "--out", str(tmp_path / "run"), *flags])
-    assert stopped.value.code == 2 and not (tmp_path / "run").exists()
-    one_error_line(capsys.readouterr(), "error", *words)
-
-
-@pytest.mark.parametrize("name, latent_dim", [("small", 8), ("first-encoder", 16)])
-def test_a_variant_round_trips_through_its_checkpoint(name, latent_dim, variant_runs, tiny_mnist, tmp_path):
-    run = variant_runs[name]
-    results, checkpoint = read_results(run), run / "best_model.pt"
-    assert torch.load(checkpoint, weights_only=True)["config"]["latent_dim"] == latent_dim
-    assert main(["generate", "--checkpoint", str(checkpoint), "--n", "4", "--out", str(tmp_path / "four.png")]) == 0
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--json",
-                 str(tmp_path / "evaluation.json"), "--iw-samples", "3"]) == 0
-    assert json.loads((tmp_path / "evaluation.json").read_text())["total"] == pytest.approx(results["test"]["total"],
-                                                                                            rel=1e-6)
-    assert main(["explore", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--out",
-                 str(tmp_path / "explored")]) == 0
-    assert len(json.loads((tmp_path / "explored" / "exploration.json").read_text())["activity"]) == latent_dim
-
-
-# ----------------------------------------------------------------------------------------------
-# The latent space
-
+# ------------------------------------------- The latent space: interpolation, a map by digit, the dimensions used
 
 def test_interpolation_runs_from_the_decoded_mean_code_of_one_image_to_the_other():
     model, mu = VAE().eval(), torch.randn(8, 64) * 3
@@ -592,6 +960,42 @@ def test_interpolation_runs_from_the_decoded_mean_code_of_one_image_to_the_other
         midway = model.decode((mu[:4] + mu[4:]) / 2)
     torch.testing.assert_close(path[:, 4:6].mean(1), midway, rtol=0, atol=0.1)  # a path, not two end points
     assert (path[:, 0] - path[:, -1]).abs().max() > 0.01
+
+
+def test_principal_components_project_on_the_directions_of_most_variance():
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(6, 6))[0]  # orthonormal directions in a 6-dimensional code space
+    scores = torch.randn(300, 3)
+    scores = torch.linalg.qr(scores - scores.mean(0))[0]  # centred, orthonormal columns
+    spread = torch.tensor([3.0, 2.0, 1.0])
+    codes = (scores * spread) @ basis[:, :3].T + 7.0  # variance 9, 4 and 1 along the first three directions
+    projection, explained = vae_lstm.principal_components(codes)
+    signs = torch.sign((projection * scores[:, :2]).sum(0))  # a component's sign is arbitrary
+    torch.testing.assert_close(projection * signs, scores[:, :2] * spread[:2], rtol=0, atol=1e-4)
+    assert explained == pytest.approx(13 / 14, rel=1e-5)
+
+
+class FixedCodes(VAE):
+    """A VAE whose encoder gives fixed mean codes, one row per test image."""
+
+    def encode(self, x):
+        return self.codes[:len(x)], torch.zeros_like(self.codes[:len(x)])
+
+
+def test_a_dimension_is_active_just_above_burda_s_threshold_and_not_just_below(tiny_mnist, tmp_path, drawn):
+    images, labels = vae_lstm.load_mnist(tiny_mnist, train=False, labels=True)
+    unit = torch.randn(TINY_TEST, 1, generator=torch.Generator().manual_seed(0))
+    unit = (unit - unit.mean()) / unit.std()  # variance 1 over the test images
+    activity = torch.tensor([0.0101] * 20 + [0.0099] * 44)  # 1 % above Burda et al.'s 0.01, and 1 % below
+    model = FixedCodes()
+    model.codes = unit * activity.sqrt()
+    exploration = vae_lstm.explore(model, images, labels, tmp_path, "fixed")
+    assert exploration["active_units"] == 20 and exploration["activity_threshold"] == 0.01
+    np.testing.assert_allclose(exploration["activity"], activity, rtol=1e-4)
+    axes = drawn["latent_usage.png"].axes[0]
+    active, inactive = (collection.get_offsets()[:, 1] for collection in axes.collections)
+    assert len(active) == 20 and len(inactive) == 44 and axes.get_title() == "20 of 64 latent dimensions active"
+    assert [line.get_ydata()[0] for line in axes.lines] == [0.01]  # the threshold drawn
 
 
 def test_a_dimension_whose_encoder_mu_row_is_zero_is_inactive(tiny_mnist, tmp_path):
@@ -607,7 +1011,7 @@ def test_a_dimension_whose_encoder_mu_row_is_zero_is_inactive(tiny_mnist, tmp_pa
     assert exploration["active_units"] == 64 - len(dead) and activity.min() == 0
 
 
-def test_explore_command_writes_its_four_files(reference_run, tiny_mnist, tmp_path, capsys):
+def test_explore_command_writes_its_four_files(reference_run, tiny_mnist, tmp_path, capsys, drawn):
     out = reference_run[0]
     assert main(["explore", "--checkpoint", str(out / "best_model.pt"), "--data-dir", str(tiny_mnist),
                  "--out", str(tmp_path)]) == 0
@@ -616,7 +1020,6 @@ def test_explore_command_writes_its_four_files(reference_run, tiny_mnist, tmp_pa
     assert exploration["active_units"] == sum(a > 0.01 for a in exploration["activity"])
     assert f"{exploration['active_units']} of 64 latent dimensions active" in capsys.readouterr().out
     assert sum(exploration["kl_per_dim"]) == pytest.approx(read_results(out)["test"]["kl"], rel=1e-5)
-    assert 0 < exploration["principal_components_variance"] < 1
     images, labels = vae_lstm.load_mnist(tiny_mnist, train=False, labels=True)
     model, _ = vae_lstm.load_model(out / "best_model.pt", "cpu")
     with torch.no_grad():
@@ -624,55 +1027,225 @@ def test_explore_command_writes_its_four_files(reference_run, tiny_mnist, tmp_pa
     q, prior = torch.distributions.Normal(mu, torch.exp(0.5 * logvar)), torch.distributions.Normal(0.0, 1.0)
     expected = torch.distributions.kl_divergence(q, prior).mean(0)  # each dimension's, averaged over the images
     np.testing.assert_allclose(exploration["kl_per_dim"], expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(exploration["activity"], mu.var(0), rtol=1e-5, atol=1e-9)
     for left, right in exploration["interpolation_pairs"]:
         assert labels[left] != labels[right]
     assert {int(labels[left]) for left, _ in exploration["interpolation_pairs"]} == set(range(8))
 
-    grid = np.asarray(Image.open(tmp_path / "interpolation.png").convert("L"), dtype=float)
-    assert grid.shape == (2 + 8 * 30, 2 + 12 * 30) and grid.std() > 10  # 8 rows: image, 10 steps, image
-    left = images[exploration["interpolation_pairs"][0][0]].numpy() * 255
-    np.testing.assert_allclose(grid[2:30, 2:30], left, atol=1)  # the pair's own images frame each row
-    for name in ("latent_map.png", "latent_usage.png"):
-        pixels = np.asarray(Image.open(tmp_path / name).convert("L"), dtype=float)
-        assert pixels.shape[1] == 700 and pixels.std() > 10, name
+    cells = digit_cells(tmp_path / "interpolation.png", 8, 12)  # 8 rows: image, 10 steps, image
+    assert_every_cell_is_drawn(cells)
+    for row, (left, right) in enumerate(exploration["interpolation_pairs"]):  # the pair's own images frame each row
+        np.testing.assert_allclose(cells[row, 0], images[left].numpy() * 255, atol=1)
+        np.testing.assert_allclose(cells[row, -1], images[right].numpy() * 255, atol=1)
+    points = drawn["latent_map.png"].axes[0].collections[0]
+    projection, explained = vae_lstm.principal_components(mu)
+    assert exploration["principal_components_variance"] == pytest.approx(explained)
+    np.testing.assert_allclose(np.sort(points.get_offsets(), axis=0), np.sort(projection, axis=0), atol=1e-5)
+    assert sorted(points.get_array()) == sorted(labels.tolist())  # each image's point, coloured by its digit
+    assert f"{explained:.0%} of their variance" in drawn["latent_map.png"].axes[0].get_title()
     # `train` wrote the same exploration of its best model into its run folder
     assert json.loads((out / "exploration.json").read_text())["activity"] == exploration["activity"]
     assert all((out / name).stat().st_size > 0 for name in vae_lstm.EXPLORATION_FILES)
 
 
-# ----------------------------------------------------------------------------------------------
-# Interruption and resumption
+def test_a_test_set_that_lacks_a_digit_is_not_mnist(reference_run, tiny_mnist, tmp_path, capsys):
+    data_dir = altered_copy(tiny_mnist, tmp_path, "t10k-labels-idx1-ubyte",
+                            lambda data: idx_bytes(np.arange(TINY_TEST) % 9))  # no 9
+    assert main(["explore", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(data_dir),
+                 "--out", str(tmp_path / "explored")]) == 2
+    one_error_line(capsys.readouterr(), "the test set lacks the digits [9]: not MNIST")
 
 
-def raise_in_epoch(monkeypatch, epoch, stop):
-    """train_epoch, but `stop()` at the start of `epoch`."""
-    train_epoch = vae_lstm.train_epoch
+# ---------------------------------------- Comparing runs: one row per run, the mean of each variant, their digits
 
-    def stopped(*args):
-        if args[5] == epoch:
-            stop()
-        return train_epoch(*args)
-    monkeypatch.setattr(vae_lstm, "train_epoch", stopped)
-
-
-def press_ctrl_c():
-    raise KeyboardInterrupt
+@pytest.mark.parametrize("flags", [
+    [], ["--binarize"], ["--unidirectional"], ["--hidden-size", "32"], ["--latent-dim", "16"],
+    ["--hidden-size", "16", "--no-encoder-fc"], ["--no-decoder-fc"],
+    ["--binarize", "--unidirectional", "--hidden-size", "16", "--latent-dim", "8", "--no-decoder-fc"],
+], ids=lambda flags: " ".join(flags) or "report")
+def test_a_variant_is_named_by_the_train_flags_that_build_it(flags):
+    config = vae_lstm.config_of(vae_lstm.parse_args(["train", *flags]))
+    assert vae_lstm.variant_name(config) == (" ".join(flags) or "report")
 
 
-def send_sigterm():
-    os.kill(os.getpid(), signal.SIGTERM)  # the handler raises Terminated here, at once
+def copy_of_run(run, folder, seed, test_total, iw_samples=None, iw_bound=None):
+    """A run folder whose JSON files are `run`'s, but for its seed, its test total and its evaluation.json."""
+    folder.mkdir()
+    results = read_results(run)
+    results["config"]["seed"], results["test"]["total"] = seed, test_total
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "exploration.json").write_bytes((run / "exploration.json").read_bytes())
+    if iw_samples:
+        (folder / "evaluation.json").write_text(json.dumps({"iw_samples": iw_samples, "iw_bound": iw_bound}))
+    return folder
 
 
-@pytest.fixture
-def sigterm_handler():
-    previous = signal.signal(signal.SIGTERM, vae_lstm.raise_terminated)  # what running the script installs
-    yield
-    signal.signal(signal.SIGTERM, previous)
+def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_run, variant_runs, tmp_path, capsys):
+    seed_1 = copy_of_run(reference_run[0], tmp_path / "seed1", seed=1, test_total=250.0, iw_samples=5, iw_bound=240.0)
+    small = variant_runs["small"]
+    runs = [reference_run[0], seed_1, small]
+    assert main(["compare", *map(str, runs), "--csv", str(tmp_path / "study" / "runs.csv"), "--figure",
+                 str(tmp_path / "study" / "digits.pdf")]) == 0
+    table = capsys.readouterr().out.splitlines()
+
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "study" / "runs.csv").read_text())))
+    small_name = "--unidirectional --hidden-size 16 --latent-dim 8 --no-decoder-fc"
+    assert [row["variant"] for row in rows] == ["report", "report", small_name]
+    assert [row["seed"] for row in rows] == ["0", "1", "0"]
+    for row, run in zip(rows, runs):
+        results = read_results(run)
+        assert float(row["test_total"]) == results["test"]["total"] and int(row["parameters"]) == results["parameters"]
+        assert row["device"] == results["machine"]["device"] and row["torch"] == torch.__version__
+    assert rows[2]["parameters"] == str(lstm_parameters(16, 1) + 2 * linear_parameters(16, 8) + decoder_parameters(8))
+
+    def cell(runs_of_variant, value):
+        values = torch.tensor([value(run) for run in runs_of_variant], dtype=torch.float64)
+        return f"{values.mean():.2f}" if len(values) == 1 else f"{values.mean():.2f} ± {values.std():.2f}"
+
+    def table_row(name, runs_of_variant, iw):
+        results = [read_results(run) for run in runs_of_variant]
+        explorations = [json.loads((run / "exploration.json").read_text()) for run in runs_of_variant]
+        cells = [cell(results, lambda r: r["test"][part]) for part in ("total", "bce", "kl")]
+        cells += [iw, cell(explorations, lambda e: e["active_units"]), cell(results, lambda r: r["best_epoch"]),
+                  cell(results, lambda r: r["seconds_per_epoch"])]
+        where = f"{results[0]['machine']['device']}, torch {torch.__version__}"
+        return f"| {name} | {len(runs_of_variant)} | {' | '.join(cells)} | {where} |"
+
+    assert table == [
+        "| variant | runs | test_total | test_bce | test_kl | iw | active_units | best_epoch | seconds_per_epoch "
+        "| device |", "|---" * 10 + "|",
+        table_row("report", runs[:2], "240.00"),  # the bound of the one run that has one
+        table_row(small_name, runs[2:], "")]
+    assert (tmp_path / "study" / "digits.pdf").read_bytes().startswith(b"%PDF")
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "full disk", "fewer --epochs", "a variant"])
+def test_compare_averages_no_importance_weighted_figures_of_different_k(reference_run, tmp_path, capsys):
+    def iw_cell(*ks):
+        runs = [copy_of_run(reference_run[0], tmp_path / f"{ks}-{seed}", seed, 270.0, k, 260.0 + seed)
+                for seed, k in enumerate(ks)]
+        assert main(["compare", *map(str, runs)]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| report |"))
+        return [cell.strip() for cell in row.strip("|").split("|")][5]  # variant, runs, 3 losses, then iw
+
+    assert iw_cell(3, 4) == "K differs"
+    assert iw_cell(3, 3) == f"260.50 ± {math.sqrt(0.5):.2f}"
+
+
+def test_compare_draws_the_published_models_without_training(tmp_path, capsys, drawn):
+    runs = [vae_lstm.PUBLISHED / run for run in PUBLISHED_RUNS]
+    assert main(["compare", *map(str, runs), "--figure", str(tmp_path / "digits.png")]) == 0
+    table = capsys.readouterr().out
+    assert "| report | 3 |" in table and "| --binarize | 1 |" in table
+    panels = [axes for axes in drawn["digits.png"].axes if axes.images]
+    assert [axes.get_title() for axes in panels] == ["--binarize", "report"]
+    for axes in panels:  # 100 digits, 10 to a row, each one drawn
+        grid = axes.images[0].get_array()[..., 0] * 255
+        assert_every_cell_is_drawn(grid[2:, 2:].reshape(10, 30, 10, 30)[:, :28, :, :28].transpose(0, 2, 1, 3))
+
+
+def test_compare_names_a_run_folder_it_cannot_read(reference_run, tmp_path, capsys):
+    assert main(["compare", str(reference_run[0]), str(tmp_path)]) == 2
+    one_error_line(capsys.readouterr(), f"cannot read {tmp_path / 'results.json'}: No such file or directory")
+
+
+# ==============================================================================================================
+# Part 3. Running safely, and the command line: files, errors, signals, devices. Nothing here changes a number.
+# ==============================================================================================================
+
+# ------------------------------------------------------------------------ Files: each written whole or not at all
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_writer_gives_the_mode_open_gives_under_the_umask(umask, tmp_path):
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain").write_text("written by open()")
+        vae_lstm.write_json({"a": 1}, tmp_path / "a.json")
+        vae_lstm.write_csv([{"a": 1}], tmp_path / "a.csv")
+        vae_lstm.save_checkpoint({"a": 1}, tmp_path / "a.pt")
+        vae_lstm.save_grid(torch.rand(4, 1, 28, 28), tmp_path / "a.png", nrow=2)
+        vae_lstm.save_figure(vae_lstm.plt.figure(figsize=(1, 1)), tmp_path / "a.pdf")
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    assert len(modes) == 6 and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "best_model.pt"
+    vae_lstm.save_checkpoint({"epoch": 1}, path)
+
+    def torch_save_then_die(obj, file):
+        file.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torch_save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        vae_lstm.save_checkpoint({"epoch": 2}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["best_model.pt"]  # no temporary file left behind
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk that fills up after its first 1,000 bytes."""
+
+    def write(self, data):
+        super().write(bytes(data)[:1000])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_evaluating_is_one_line(reference_run, tiny_mnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(vae_lstm, "open", lambda path, mode="r": FullDisk(path, "w"), raising=False)
+    assert main(["evaluate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(tiny_mnist),
+                 "--json", str(tmp_path / "evaluation.json")]) == 1
+    one_error_line(capsys.readouterr(), "evaluation.json: No space left on device; nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix, pil_format", [(".png", "PNG"), (".jpg", "JPEG"), (".JPEG", "JPEG"), (".bmp", "BMP"),
+                                                (".tiff", "TIFF"), (".webp", "WEBP")])
+def test_generate_writes_the_format_its_suffix_names(suffix, pil_format, reference_run, tmp_path):
+    path = tmp_path / f"digits{suffix}"
+    assert main(["generate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--n", "4", "--out",
+                 str(path)]) == 0
+    with Image.open(path) as picture:
+        assert picture.format == pil_format and picture.size == (2 + 4 * 30, 32)
+
+
+@pytest.mark.parametrize("name", ["digits.txt", "digits", "digits.xbm"])
+def test_a_picture_suffix_that_cannot_be_written_is_a_usage_error(name, reference_run, tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--out",
+                 str(tmp_path / name)]) == 2
+    one_error_line(capsys.readouterr(), "cannot write a picture", name, ".png")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["runs.txt", "runs"])
+def test_a_figure_suffix_that_cannot_be_written_is_a_usage_error(name, reference_run, tmp_path, capsys):
+    assert main(["compare", str(reference_run[0]), "--figure", str(tmp_path / name)]) == 2
+    one_error_line(capsys.readouterr(), "cannot write a figure", name, ".png")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("out, words", [("a_file", ["is a file, not a folder"]),
+                                        ("a_file/run", ["cannot write to", "Not a directory"])])
+def test_unusable_out_folders_are_refused_before_training(out, words, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    assert main(train_args(tmp_path / "no data", tmp_path / out)) == 2  # told before any data is read
+    one_error_line(capsys.readouterr(), *words)
+
+
+def test_a_second_run_into_a_run_folder_is_refused(reference_copy, tiny_mnist, capsys):
+    before = (reference_copy / "best_model.pt").read_bytes()
+    assert main(train_args(tiny_mnist, reference_copy)) == 2
+    one_error_line(capsys.readouterr(), "already holds a run", "--resume")
+    assert (reference_copy / "best_model.pt").read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------- Run folders and resuming
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "full disk", "fewer --epochs", "a variant"])
 def test_a_stopped_run_resumes_to_the_numbers_of_an_uninterrupted_one(stop, reference_run, variant_runs, tiny_mnist,
-                                                                      tmp_path, monkeypatch, capsys, sigterm_handler):
+                                                                      tmp_path, monkeypatch, capsys):
     flags = VARIANTS["first-encoder"] if stop == "a variant" else []
     uninterrupted = variant_runs["first-encoder"] if stop == "a variant" else reference_run[0]
     if stop == "fewer --epochs":
@@ -694,10 +1267,9 @@ def test_a_stopped_run_resumes_to_the_numbers_of_an_uninterrupted_one(stop, refe
         assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt", "history.csv", "last.pt"]  # no .tmp
         assert len((tmp_path / "history.csv").read_text().splitlines()) == 2
     else:
-        signal_name, status = ("interrupted", 130) if stop != "sigterm" else ("terminated (SIGTERM)", 143)
-        raise_in_epoch(monkeypatch, 3, send_sigterm if stop == "sigterm" else press_ctrl_c)
-        assert main(train_args(tiny_mnist, tmp_path, *flags)) == status
-        one_error_line(capsys.readouterr(), f"{signal_name}; {tmp_path / 'last.pt'} holds epoch 2", "--resume")
+        raise_in_epoch(monkeypatch, 3, press_ctrl_c)
+        assert main(train_args(tiny_mnist, tmp_path, *flags)) == 130
+        one_error_line(capsys.readouterr(), f"interrupted; {tmp_path / 'last.pt'} holds epoch 2", "--resume")
         assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written file
     monkeypatch.undo()  # the run goes on, with room on the disk
     assert main(train_args(tiny_mnist, tmp_path, *flags, "--resume")) == 0
@@ -708,442 +1280,152 @@ def test_a_stopped_run_resumes_to_the_numbers_of_an_uninterrupted_one(stop, refe
     assert last["epoch"] == len(last["history"]) == last["config"]["epochs"] == TINY_EPOCHS
 
 
-def test_a_live_run_folder_is_refused_and_sigkill_leaves_a_run_to_resume(reference_run, tiny_mnist, tmp_path, capsys):
-    child = subprocess.Popen([sys.executable, str(HERE / "vae_lstm.py"), *train_args(tiny_mnist, tmp_path)], cwd=HERE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert "images; device" in child.stdout.readline()  # it holds the folder and has loaded its data
-    for extra in ([], ["--resume"]):
-        assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(tmp_path), *extra]) == 2
-        one_error_line(capsys.readouterr(), str(tmp_path), "in use by another train")  # refused before the data
-    for line in child.stdout:
-        if line.startswith("epoch  1/"):
-            child.kill()
-            break
+def test_a_resumed_run_keeps_the_best_total_and_the_epochs_without_a_better_one(tiny_mnist, tmp_path, monkeypatch,
+                                                                               capsys):
+    evaluated = scripted_training(monkeypatch, [9.0, 7.0, 8.0, 8.5])  # the best at epoch 2, then two not better
+    raise_in_epoch(monkeypatch, 5, press_ctrl_c)
+    assert main(train_args(tiny_mnist, tmp_path, "--patience", "3")) == 130
+    monkeypatch.undo()
+    evaluated = scripted_training(monkeypatch, [7.5, 7.2])  # not better than 7.0: the third such epoch
+    assert main(train_args(tiny_mnist, tmp_path, "--patience", "3", "--resume")) == 0
+    results = read_results(tmp_path)
+    assert results["best_epoch"] == 2 and results["epochs_run"] == 5
+    assert results["stop_reason"] == "early stopping: no better validation total in 3 epochs"
+    assert torch.load(tmp_path / "best_model.pt", weights_only=True)["epoch"] == 2
+    assert evaluated == [5, 2, 2, 2]  # epoch 5 validated, then the best model of epoch 2 tested
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_command_in_one_line_and_sigkill_leaves_no_lock(reference_run, tiny_mnist, tmp_path, capsys):
+    def start(*extra):  # the script itself, as a user or a scheduler runs it, until it has held the folder
+        child = subprocess.Popen([sys.executable, str(HERE / "vae_lstm.py"), *train_args(tiny_mnist, tmp_path),
+                                  "--epochs", "50", *extra], cwd=HERE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        assert "images; device" in child.stdout.readline()
+        next(line for line in child.stdout if line.startswith("epoch "))
+        return child
+
+    child = start()
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM
+    epoch = torch.load(tmp_path / "last.pt", weights_only=True)["epoch"]
+    assert stderr == (f"terminated (SIGTERM); {tmp_path / 'last.pt'} holds epoch {epoch} and "
+                      f"{tmp_path / 'best_model.pt'} the best so far, both intact; resume with: python vae_lstm.py "
+                      f"{' '.join(train_args(tiny_mnist, tmp_path))} --epochs 50 --resume\n")
+
+    child = start("--resume")
+    assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(tmp_path), "--resume"]) == 2
+    one_error_line(capsys.readouterr(), str(tmp_path), "in use by another train")  # refused before the data
+    child.kill()
     child.communicate(timeout=60)
     assert child.returncode == -signal.SIGKILL and not (tmp_path / "results.json").exists()
-    assert torch.load(tmp_path / "best_model.pt", weights_only=True)["epoch"] >= 1
-    last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert {"epoch", "model", "optimizer", "best_val", "bad_epochs", "history", "rng"} <= set(last)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] <= TINY_EPOCHS
 
     assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 0  # the lock went with the process
     assert losses(read_results(tmp_path)) == losses(read_results(reference_run[0]))
 
 
-def test_sigterm_outside_training_says_nothing_was_written(reference_run, tiny_mnist, tmp_path, monkeypatch, capsys):
-    def terminate(*args):
-        raise vae_lstm.Terminated
+@pytest.mark.parametrize("command, stopped_in, said, status", [
+    ("generate", "sample_digits", "interrupted; nothing was written", 130),
+    ("evaluate", "importance_weighted_nll", "terminated (SIGTERM); nothing was written", 143),
+    ("explore", "principal_components", "interrupted; no file is half-written", 130),
+], ids=["ctrl-c generate", "sigterm evaluate", "ctrl-c explore"])
+def test_a_stop_outside_training_says_what_was_written(command, stopped_in, said, status, reference_run, tiny_mnist,
+                                                       tmp_path, monkeypatch, capsys):
+    def stop(*args, **kwargs):
+        raise vae_lstm.Terminated if status == 143 else KeyboardInterrupt
 
-    monkeypatch.setattr(vae_lstm, "importance_weighted_nll", terminate)
-    assert main(["evaluate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(tiny_mnist),
-                 "--iw-samples", "10", "--json", str(tmp_path / "evaluation.json")]) == 143
-    assert capsys.readouterr().err == "terminated (SIGTERM); nothing was written\n"
-    assert list(tmp_path.iterdir()) == []
-
-
-class FullDisk(io.FileIO):
-    """A file on a disk that fills up after its first 1,000 bytes."""
-
-    def write(self, data):
-        super().write(bytes(data)[:1000])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def test_a_full_disk_while_evaluating_is_one_line(reference_run, tiny_mnist, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(vae_lstm, "open", lambda path, mode="r": FullDisk(path, "w"), raising=False)
-    assert main(["evaluate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(tiny_mnist),
-                 "--json", str(tmp_path / "evaluation.json")]) == 1
-    one_error_line(capsys.readouterr(), "evaluation.json: No space left on device; nothing was written")
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(vae_lstm, stopped_in, stop)
+    options = {"generate": ["--out", str(tmp_path / "digits.png")],
+               "evaluate": ["--data-dir", str(tiny_mnist), "--iw-samples", "10", "--json", str(tmp_path / "e.json")],
+               "explore": ["--data-dir", str(tiny_mnist), "--out", str(tmp_path)]}[command]
+    assert main([command, "--checkpoint", str(reference_run[0] / "best_model.pt"), *options]) == status
+    assert capsys.readouterr().err == said + "\n"
+    assert [path.name for path in tmp_path.iterdir()] == (["interpolation.png"] if command == "explore" else [])
 
 
-def test_a_disk_full_before_the_first_epoch_is_saved_says_how_to_start_again(tiny_mnist, tmp_path, monkeypatch,
-                                                                             capsys):
+@pytest.mark.parametrize("extra, words", [
+    ([], ["holds a best_model.pt but no last.pt", "move it away"]),
+    (["--resume"], ["no checkpoint at", "last.pt", "without --resume"]),
+], ids=["new run", "resume"])
+def test_a_disk_full_before_the_first_epoch_is_saved_says_how_to_start_again(extra, words, tiny_mnist, tmp_path,
+                                                                             monkeypatch, capsys):
     def open_on_a_full_disk(path, mode="r", *args, **kwargs):  # best_model.pt fits, last.pt does not
         if Path(path).name.startswith(".last.pt."):
             return FullDisk(path, "w")
         return open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(vae_lstm, "open", open_on_a_full_disk, raising=False)
-    assert main(train_args(tiny_mnist, tmp_path)) == 1
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "1")) == 1
     best = tmp_path / "best_model.pt"
     one_error_line(capsys.readouterr(), f"cannot write {tmp_path / 'last.pt'}: No space left on device",
                    "nothing to resume", f"start again once {best}, left from that epoch, is removed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt"]
 
     monkeypatch.undo()
-    for extra, words in (([], [f"{tmp_path} holds a best_model.pt but no last.pt", "move it away"]),
-                         (["--resume"], [f"no checkpoint at {tmp_path / 'last.pt'}", "without --resume"])):
-        assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(tmp_path), *extra]) == 2
-        one_error_line(capsys.readouterr(), *words)  # told before any data is read
+    assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(tmp_path), *extra]) == 2
+    one_error_line(capsys.readouterr(), str(tmp_path), *words)  # told before any data is read
     best.unlink()
     assert main(train_args(tiny_mnist, tmp_path, "--epochs", "1")) == 0
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o002])
-def test_every_writer_gives_the_mode_open_gives_under_the_umask(umask, tmp_path):
-    previous = os.umask(umask)
-    try:
-        (tmp_path / "plain").write_text("written by open()")
-        vae_lstm.write_json({"a": 1}, tmp_path / "a.json")
-        vae_lstm.write_csv([{"a": 1}], tmp_path / "a.csv")
-        vae_lstm.save_checkpoint({"a": 1}, tmp_path / "a.pt")
-        vae_lstm.save_grid(torch.rand(4, 1, 28, 28), tmp_path / "a.png", nrow=2)
-        vae_lstm.save_figure(vae_lstm.plt.figure(figsize=(1, 1)), tmp_path / "a.pdf")
-    finally:
-        os.umask(previous)
-    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
-    assert len(modes) == 6 and set(modes.values()) == {0o666 & ~umask}, modes
-
-
-def test_ctrl_c_outside_training_says_nothing_was_written(reference_run, monkeypatch, capsys):
-    def interrupt(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(vae_lstm, "sample_digits", interrupt)
-    assert main(["generate", "--checkpoint", str(reference_run[0] / "best_model.pt")]) == 130
-    assert capsys.readouterr().err == "interrupted; nothing was written\n"
-
-
-def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "best_model.pt"
-    vae_lstm.save_checkpoint({"epoch": 1}, path)
-
-    def torch_save_then_die(obj, file):
-        file.write(b"half a checkpoint")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", torch_save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        vae_lstm.save_checkpoint({"epoch": 2}, path)
-    assert torch.load(path, weights_only=True) == {"epoch": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["best_model.pt"]  # no temporary file left behind
-
-
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_best_model(tiny_mnist, tmp_path, monkeypatch, capsys):
-    calls = {"training": 0}
-
-    def loss_that_explodes(recon, x, mu, logvar, kl_weight=1.0):
-        total, bce, kl = vae_loss(recon, x, mu, logvar, kl_weight)
-        calls["training"] += torch.is_grad_enabled()
-        return (total * math.nan if calls["training"] == 5 else total), bce, kl  # epoch 2, batch 2 of 3
-
-    monkeypatch.setattr(vae_lstm, "vae_loss", loss_that_explodes)
-    assert main(train_args(tiny_mnist, tmp_path)) == 2
-    one_error_line(capsys.readouterr(), "the loss is nan", "epoch 2, batch 2 of 3")
-    assert torch.load(tmp_path / "best_model.pt", weights_only=True)["epoch"] == 1
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
-    assert not (tmp_path / "results.json").exists()
-
-
-def test_a_diverging_run_stops_with_one_line(tiny_mnist, tmp_path, capsys):
-    assert main(train_args(tiny_mnist, tmp_path, "--lr", "1e6")) == 2  # the first step wrecks the weights
-    one_error_line(capsys.readouterr(), "training diverged in epoch 1, batch 2 of 3", "--lr")
-    assert not (tmp_path / "best_model.pt").exists() and not (tmp_path / "results.json").exists()
-
-
-def test_resume_needs_a_run_with_the_same_settings(reference_run, tiny_mnist, tmp_path, capsys):
-    assert main(train_args(tiny_mnist, tmp_path / "nothing", "--resume")) == 2
-    one_error_line(capsys.readouterr(), "no checkpoint", "last.pt")
-    out = reference_run[0]
-    before = (out / "last.pt").read_bytes()
-    assert main(train_args(tiny_mnist, out, "--resume", "--lr", "0.01")) == 2
-    one_error_line(capsys.readouterr(), "other settings", "lr 0.001 there, 0.01 here")
-    assert (out / "last.pt").read_bytes() == before
-
-
-def test_every_refusal_of_resume_comes_before_the_data_is_read(reference_run, tiny_mnist, tmp_path, monkeypatch,
+@pytest.mark.parametrize("extra, words", [
+    (["--epochs", "2"], ["trained 6 epochs already", "more than --epochs 2"]),
+    (["--seed", "1"], ["other settings", "seed 0 there, 1 here"]),
+    (["--lr", "0.01"], ["other settings", "lr 0.001 there, 0.01 here"]),
+    (["--binarize"], ["other settings", "binarize False there, True here"]),
+    (["--latent-dim", "16"], ["other settings", "latent_dim 64 there, 16 here"]),
+], ids=["fewer epochs", "seed", "lr", "binarize", "latent-dim"])
+def test_every_refusal_of_resume_comes_before_the_data_is_read(extra, words, reference_copy, tiny_mnist, monkeypatch,
                                                                capsys):
-    def no_data(*args, **kwargs):
-        raise AssertionError("the data was read")
-    monkeypatch.setattr(vae_lstm, "load_mnist", no_data)
-    out = reference_run[0]
-    for extra, words in ((["--epochs", "2"], ["trained 6 epochs already", "more than --epochs 2"]),
-                         (["--seed", "1"], ["other settings", "seed 0 there, 1 here"]),
-                         (["--binarize"], ["other settings", "binarize False there, True here"]),
-                         (["--latent-dim", "16"], ["other settings", "latent_dim 64 there, 16 here"])):
-        assert main([*train_args(tiny_mnist, out, "--resume"), *extra]) == 2
-        one_error_line(capsys.readouterr(), *words)
+    monkeypatch.setattr(vae_lstm, "load_mnist", lambda *args, **kwargs: pytest.fail("the data was read"))
+    before = (reference_copy / "last.pt").read_bytes()
+    assert main([*train_args(tiny_mnist, reference_copy, "--resume"), *extra]) == 2
+    one_error_line(capsys.readouterr(), *words)
+    assert (reference_copy / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("last", [None, {"epoch": 3}, [1, 2]], ids=["none", "no config", "a list"])
+def test_resume_needs_a_run_s_last_pt(last, tiny_mnist, tmp_path, capsys):
+    if last is not None:
+        torch.save(last, tmp_path / "last.pt")
     assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 2
-    one_error_line(capsys.readouterr(), "no checkpoint")
+    one_error_line(capsys.readouterr(), *(["--resume: no checkpoint at", "start one without --resume"] if last is None
+                                          else [f"{tmp_path / 'last.pt'} is not a run's last.pt"]))
 
 
-# ----------------------------------------------------------------------------------------------
-# Pictures in the format their suffix names; runs compared
+# ------------------------------------------------------------------------------------------- Devices and machines
 
-
-@pytest.mark.parametrize("suffix, pil_format", [(".png", "PNG"), (".jpg", "JPEG"), (".JPEG", "JPEG"), (".bmp", "BMP"),
-                                                (".tiff", "TIFF"), (".webp", "WEBP")])
-def test_generate_writes_the_format_its_suffix_names(suffix, pil_format, reference_run, tmp_path):
-    path = tmp_path / f"digits{suffix}"
-    assert main(["generate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--n", "4", "--out",
-                 str(path)]) == 0
-    with Image.open(path) as picture:
-        assert picture.format == pil_format and picture.size == (2 + 4 * 30, 32)
-
-
-@pytest.mark.parametrize("name", ["digits.txt", "digits", "digits.xbm"])
-def test_a_picture_suffix_that_cannot_be_written_is_a_usage_error(name, reference_run, tmp_path, capsys):
-    assert main(["generate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--out",
-                 str(tmp_path / name)]) == 2
-    one_error_line(capsys.readouterr(), "cannot write a picture", name, ".png")
-    assert not list(tmp_path.iterdir())
-    assert main(["compare", str(reference_run[0]), "--figure", str(tmp_path / "runs.txt")]) == 2
-    one_error_line(capsys.readouterr(), "cannot write a figure", "runs.txt")
-
-
-def copy_of_run(run, folder, seed, test_total, iw_samples=None, iw_bound=None):
-    """A run folder whose JSON files are `run`'s, but for its seed, its test total and its evaluation.json."""
-    folder.mkdir()
-    results = read_results(run)
-    results["config"]["seed"], results["test"]["total"] = seed, test_total
-    (folder / "results.json").write_text(json.dumps(results))
-    (folder / "exploration.json").write_bytes((run / "exploration.json").read_bytes())
-    if iw_samples:
-        (folder / "evaluation.json").write_text(json.dumps({"iw_samples": iw_samples, "iw_bound": iw_bound}))
-    return folder
-
-
-def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_run, variant_runs, tmp_path, capsys):
-    seed_1 = copy_of_run(reference_run[0], tmp_path / "seed1", seed=1, test_total=250.0)
-    small = variant_runs["small"]
-    runs = [reference_run[0], seed_1, small]
-    assert main(["compare", *map(str, runs), "--csv", str(tmp_path / "study" / "runs.csv"), "--figure",
-                 str(tmp_path / "study" / "digits.pdf")]) == 0
-    table = capsys.readouterr().out
-
-    rows = list(csv.DictReader(io.StringIO((tmp_path / "study" / "runs.csv").read_text())))
-    assert [row["variant"] for row in rows] == ["report", "report",
-                                               "--unidirectional --hidden-size 16 --latent-dim 8 --no-decoder-fc"]
-    assert [row["seed"] for row in rows] == ["0", "1", "0"]
-    for row, run in zip(rows, runs):
-        results = read_results(run)
-        assert float(row["test_total"]) == results["test"]["total"] and int(row["parameters"]) == results["parameters"]
-        assert row["device"] == results["machine"]["device"] and row["torch"] == torch.__version__
-    assert rows[2]["parameters"] == str(lstm_parameters(16, 1) + 2 * linear_parameters(16, 8) + decoder_parameters(8))
-
-    totals = torch.tensor([read_results(run)["test"]["total"] for run in runs[:2]], dtype=torch.float64)
-    assert f"| report | 2 | {totals.mean():.2f} ± {totals.std():.2f} |" in table
-    assert f"| {rows[0]['device']}, torch {torch.__version__} |" in table  # where the numbers come from
-    assert (tmp_path / "study" / "digits.pdf").read_bytes().startswith(b"%PDF")
-
-
-def test_compare_averages_no_importance_weighted_figures_of_different_k(reference_run, tmp_path, capsys):
-    def iw_cell(*ks):
-        runs = [copy_of_run(reference_run[0], tmp_path / f"{ks}-{seed}", seed, 270.0, k, 260.0 + seed)
-                for seed, k in enumerate(ks)]
-        assert main(["compare", *map(str, runs)]) == 0
-        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| report |"))
-        return [cell.strip() for cell in row.strip("|").split("|")][5]  # variant, runs, 3 losses, then iw
-
-    assert iw_cell(3, 4) == "K differs"
-    assert iw_cell(3, 3) == f"260.50 ± {math.sqrt(0.5):.2f}"
-
-
-def github_anchors(markdown):
-    """The anchors GitHub gives the headings of a Markdown text: lower case, punctuation dropped,
-    spaces as hyphens, a repeated one numbered."""
-    anchors = set()
-    for heading in re.findall(r"^#+ (.+)$", markdown, flags=re.MULTILINE):
-        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-        numbered = (f"{slug}-{n}" if n else slug for n in range(100))
-        anchors.add(next(anchor for anchor in numbered if anchor not in anchors))
-    return anchors
-
-
-def test_every_relative_link_and_picture_of_the_documentation_resolves():
-    pages = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
-    checked = 0
-    for page in pages:
-        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)  # no code blocks
-        for target in re.findall(r"\]\(([^)\s]+)\)", text):
-            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
-                continue
-            path, _, anchor = target.partition("#")
-            linked = (page.parent / path).resolve() if path else page
-            assert linked.exists(), f"{page.name}: {target} does not exist"
-            if anchor:
-                assert anchor in github_anchors(linked.read_text()), f"{page.name}: {target} names no heading"
-            checked += 1
-    assert checked >= 20  # the README's pictures and links to the study page, and the study page's own
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad input: one line on stderr, a non-zero status, no traceback, nothing overwritten
-
-
-def corrupt_copy(tiny_mnist, tmp_path, damage):
-    root = tmp_path / "broken"
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for file in (tiny_mnist / "MNIST" / "raw").iterdir():
-        (raw / file.name).write_bytes(file.read_bytes())
-    target = raw / "train-images-idx3-ubyte"
-    target.write_bytes(damage(target.read_bytes()))
-    return root
-
-
-@pytest.mark.parametrize("make_data_dir", [
-    lambda tiny, tmp: tmp / "missing",
-    lambda tiny, tmp: (tmp / "empty").mkdir() or tmp / "empty",
-    lambda tiny, tmp: corrupt_copy(tiny, tmp, lambda data: data[:5000]),  # truncated
-    lambda tiny, tmp: corrupt_copy(tiny, tmp, lambda data: b"\x00\x00\x07\x09" + data[4:]),  # bad magic number
-], ids=["missing", "empty", "truncated", "corrupt"])
-def test_unreadable_data_is_one_clear_line(make_data_dir, tiny_mnist, tmp_path, capsys):
-    data_dir = make_data_dir(tiny_mnist, tmp_path)
-    assert main(["train", "--data-dir", str(data_dir), "--out", str(tmp_path / "run")]) == 2
-    missing = not (data_dir / "MNIST" / "raw").is_dir()
-    one_error_line(capsys.readouterr(), "MNIST", "train-images-idx3-ubyte", str(data_dir),
-                   "4 of its files missing" if missing else "")
-    assert not (tmp_path / "run" / "last.pt").exists()
-
-
-def test_unusable_out_folders_are_refused_before_training(reference_run, tiny_mnist, tmp_path, capsys):
-    a_file = tmp_path / "a_file"
-    a_file.write_text("not a folder")
-    for out, words in ((a_file, ["is a file"]), (a_file / "run", ["cannot write"])):
-        assert main(train_args(tiny_mnist, out)) == 2
-        one_error_line(capsys.readouterr(), *words)
-    out = reference_run[0]
-    before = (out / "best_model.pt").read_bytes()
-    assert main(train_args(tiny_mnist, out)) == 2  # a second run into the same folder
-    one_error_line(capsys.readouterr(), "already holds a run", "--resume")
-    assert (out / "best_model.pt").read_bytes() == before
-
-
-class CodeCarrier:
-    """A pickle that, when loaded without weights_only, runs code: it creates a file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-@pytest.mark.parametrize("kind", ["missing", "truncated", "not_a_checkpoint", "other_layer_sizes", "nan_weights",
-                                  "carries_code"])
-def test_bad_checkpoints_are_refused(kind, reference_run, tmp_path, capsys):
-    path, good = tmp_path / "model.pt", reference_run[0] / "best_model.pt"
-    marker = tmp_path / "code_ran"
-    if kind == "truncated":
-        path.write_bytes(good.read_bytes()[:20000])
-    elif kind == "not_a_checkpoint":
-        path.write_text("these are not the weights you are looking for")
-    elif kind == "other_layer_sizes":
-        torch.save({"config": CONFIG, "model": VAE(variant(latent_dim=32)).state_dict()}, path)
-    elif kind == "nan_weights":
-        weights = VAE().state_dict()
-        weights["decoder_fc.bias"][3] = math.nan
-        torch.save({"config": {"latent_dim": 64}, "model": weights}, path)
-    elif kind == "carries_code":
-        path.write_bytes(pickle.dumps({"config": {"latent_dim": 64}, "model": CodeCarrier(str(marker))}))
-    for command in (["generate"], ["evaluate", "--data-dir", "unused"]):
-        assert main([*command, "--checkpoint", str(path), "--out" if command == ["generate"] else "--json",
-                     str(tmp_path / "written")]) == 2
-        reason = {"missing": "no checkpoint", "truncated": "not a whole file written by torch.save",
-                  "not_a_checkpoint": "not a whole file written by torch.save",
-                  "other_layer_sizes": "size mismatch", "nan_weights": "NaN or inf",
-                  "carries_code": "weights_only=True) refused it"}[kind]
-        one_error_line(capsys.readouterr(), str(path), reason)
-    assert not marker.exists() and not (tmp_path / "written").exists()
-
-
-@pytest.mark.parametrize("argv", [
-    ["train", "--epochs", "0"], ["train", "--batch-size", "0"], ["train", "--lr", "-1"], ["train", "--lr", "nan"],
-    ["train", "--val-fraction", "1.5"], ["train", "--patience", "two"], ["generate", "--n", "0"],
-    ["generate", "--nrow", "-2"], ["evaluate", "--iw-samples", "-3"], ["evaluate", "--split", "dev"],
-])
-def test_out_of_range_numbers_are_usage_errors(argv, capsys):
-    with pytest.raises(SystemExit) as stopped:
-        main(argv)
-    assert stopped.value.code == 2
-    one_error_line(capsys.readouterr(), "error", argv[1])
-
-
-def test_cuda_where_there_is_none(tiny_mnist, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_a_device_where_there_is_none(kind, tiny_mnist, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(train_args(tiny_mnist, tmp_path, "--device", "cuda")) == 2
-    one_error_line(capsys.readouterr(), "--device cuda", "no CUDA device")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert main(train_args(tiny_mnist, tmp_path, "--device", kind)) == 2
+    one_error_line(capsys.readouterr(), f"--device {kind}: no {kind.upper()} device is available here",
+                   "--device cpu")
+    assert vae_lstm.resolve_device("auto") == torch.device("cpu")
 
 
-# ----------------------------------------------------------------------------------------------
-# Devices: the CPU's rules that keep CUDA and MPS right, then tests that run where such a device is
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records every operation's float64 outputs, and every random draw's generator."""
-
-    def __init__(self):
-        super().__init__()
-        self.float64, self.draws = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if any(word in str(func) for word in ("rand", "normal", "bernoulli")):
-            self.draws.append((str(func), kwargs.get("generator")))
-        self.float64 += [str(func) for tensor in tree_leaves(out)
-                         if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float64]
-        return out
-
-
-def test_training_and_evaluation_make_no_float64_tensor():  # MPS has no float64
-    torch.manual_seed(0)
-    model, images = VAE(), torch.rand(100, 28, 28)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    with OpRecorder() as recorder:
-        train_epoch(model, optimizer, images, 64, 1.0, epoch=1, binarize=True)
-        evaluate(model, images)
-        vae_lstm.importance_weighted_nll(model, images[:3], 10)
-    assert recorder.float64 == []
-
-
-def test_what_the_user_reads_is_drawn_from_seeded_cpu_generators(tiny_mnist, tmp_path):
-    model, images = VAE().eval(), vae_lstm.load_mnist(tiny_mnist, train=False)
-    with OpRecorder() as recorder:
-        digits = vae_lstm.sample_digits(model, 5, seed=3)
-        evaluated = evaluate(model, images)
-        vae_lstm.importance_weighted_nll(model, images[:3], 10)
-        vae_lstm.save_reconstructions(model, images, tmp_path / "reconstructions.png")
-        vae_lstm.binarize_once(images)
-    assert len(recorder.draws) == 5  # digits, evaluate's z, the eps of the estimate, reconstructions, binarization
-    for draw, generator in recorder.draws:
-        assert generator is not None and generator.device.type == "cpu", draw  # never a device's, never the global
-    with torch.no_grad():
-        z = torch.randn((5, 64), generator=torch.Generator().manual_seed(3))
-        assert torch.equal(digits, model.decode(z))
-    assert evaluate(model, images) == evaluated
-
-
-@pytest.fixture
-def no_read_back(monkeypatch):
-    """Any read of a tensor's value by the host fails: on a GPU each would wait for the queued work."""
-    def read_back(*args, **kwargs):
-        raise AssertionError("a value was read back from the device")
-
-    for name in ("__bool__", "__float__", "__int__", "item", "tolist", "cpu", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, read_back)
-    return monkeypatch
-
-
-def test_the_training_step_reads_nothing_back_from_the_device(no_read_back):
-    torch.manual_seed(0)
-    model, x = VAE(), torch.rand(64, 28, 28)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    steps = [vae_lstm.train_step(model, optimizer, x, 1.0) for _ in range(2)]
-    no_read_back.undo()
-    assert all(finite.item() for _, finite in steps) and steps[1][0][0] < steps[0][0][0]
-
-
-def test_a_nan_reconstruction_never_reaches_the_bce(monkeypatch):  # CUDA's BCE kernel would kill the process
-    model, x = VAE(), torch.rand(8, 28, 28)
-    with torch.no_grad():
-        model.decoder_list[3].bias.fill_(math.nan)
-    seen = []
-    monkeypatch.setattr(vae_lstm, "vae_loss", lambda recon, *args: seen.append(bool(recon.isfinite().all()))
-                        or vae_loss(recon, *args))
-    losses, finite = vae_lstm.train_step(model, torch.optim.Adam(model.parameters()), x, 1.0)
-    assert seen == [True] and not finite
+def test_cuda_computes_in_float32_and_deterministically(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine, as far as resolve_device sees
+    opposite = {(torch.backends.cuda.matmul, "allow_tf32"): True, (torch.backends.cudnn, "allow_tf32"): True,
+                (torch.backends.cudnn, "deterministic"): False, (torch.backends.cudnn, "benchmark"): True}
+    before = {setting: getattr(*setting) for setting in opposite}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        for (module, flag), value in opposite.items():
+            setattr(module, flag, value)
+        torch.use_deterministic_algorithms(False)
+        assert vae_lstm.resolve_device("cuda") == torch.device("cuda")
+        assert {setting: getattr(*setting) for setting in opposite} == {
+            setting: not value for setting, value in opposite.items()}
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:  # this process goes on computing as it did
+        for (module, flag), value in before.items():
+            setattr(module, flag, value)
+        torch.use_deterministic_algorithms(deterministic)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS's deterministic mode, set before CUDA starts
 
 
 @pytest.mark.parametrize("kind", ["cpu", "cuda", "mps"])
@@ -1156,6 +1438,18 @@ def test_the_training_device_random_state_round_trips_through_last_pt(kind, tmp_
     torch.rand(5), torch.rand(5, device=device)  # draws of the epochs after the one saved
     vae_lstm.restore_rng_states(vae_lstm.read_checkpoint(tmp_path / "last.pt")["rng"], device)
     assert all(map(torch.equal, (torch.rand(5), torch.rand(5, device=device)), expected))
+
+
+def test_a_run_resumed_on_another_device_type_says_its_numbers_will_differ(reference_copy, tiny_mnist, capsys):
+    last = torch.load(reference_copy / "last.pt", weights_only=True)
+    last["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as if its epochs so far ran on CUDA
+    torch.save(last, reference_copy / "last.pt")
+    assert main(train_args(tiny_mnist, reference_copy, "--epochs", str(TINY_EPOCHS + 1), "--resume")) == 0
+    assert ("note: this run was trained on CUDA and goes on on CPU, which draws other random numbers: its results "
+            "will differ from an uninterrupted run's") in capsys.readouterr().out
+    vae_lstm.restore_rng_states({"cpu": torch.get_rng_state()}, torch.device("cuda"))  # and the other way round
+    assert "trained on CPU and goes on on CUDA" in capsys.readouterr().out
+    assert read_results(reference_copy)["machine"] == vae_lstm.machine(torch.device("cpu"))
 
 
 @pytest.fixture
@@ -1212,3 +1506,59 @@ def test_the_training_step_never_waits_for_the_gpu():
         vae_lstm.train_step(model, optimizer, x, 1.0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ----------------------------------------------------------------------------------------------- The command line
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--epochs", "0"], ["train", "--batch-size", "0"], ["train", "--lr", "-1"], ["train", "--lr", "nan"],
+    ["train", "--val-fraction", "1.5"], ["train", "--patience", "two"], ["train", "--seed", "-1"],
+    ["train", "--seed", str(2**32)], ["train", "--split-seed", "1.5"], ["train", "--kl-weight", "-0.5"],
+    ["generate", "--n", "0"], ["generate", "--nrow", "-2"], ["generate", "--seed", "-1"],
+    ["evaluate", "--iw-samples", "-3"], ["evaluate", "--split", "dev"], ["explore", "--device", "tpu"],
+])
+def test_out_of_range_numbers_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    one_error_line(capsys.readouterr(), "error", argv[1], argv[2], "--help")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--no-encoder-fc", "--unidirectional"], ["--no-encoder-fc", "--unidirectional"]),
+    (["--no-encoder-fc", "--latent-dim", "16"], ["--latent-dim must equal --hidden-size", "16 and 64"]),
+    (["--no-encoder-fc", "--hidden-size", "32", "--latent-dim", "64"], ["64 and 32"]),
+])
+def test_impossible_design_combinations_are_usage_errors(flags, words, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--out", str(tmp_path / "run"), *flags])
+    assert stopped.value.code == 2 and not (tmp_path / "run").exists()
+    one_error_line(capsys.readouterr(), "error", *words)
+
+
+def github_anchors(markdown):
+    """The anchors GitHub gives the headings of a Markdown text: lower case, punctuation dropped,
+    spaces as hyphens, a repeated one numbered."""
+    anchors = set()
+    for heading in re.findall(r"^#+ (.+)$", markdown, flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        numbered = (f"{slug}-{n}" if n else slug for n in range(100))
+        anchors.add(next(anchor for anchor in numbered if anchor not in anchors))
+    return anchors
+
+
+def test_every_relative_link_and_picture_of_the_documentation_resolves():
+    pages = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)  # no code blocks
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.name}: {target} does not exist"
+            if anchor:
+                assert anchor in github_anchors(linked.read_text()), f"{page.name}: {target} names no heading"
+            checked += 1
+    assert checked >= 20  # the README's pictures and links to the study page, and the study page's own

@@ -162,6 +162,9 @@ def cpu_normal(shape, generator, device):
 
 def load_model(path, device):
     """The model and config of a checkpoint of train's, or of a bare state_dict of the report's code."""
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}: train one (python vae_lstm.py train), or use a published "
+                        f"model, --checkpoint {os.path.relpath(PUBLISHED_MODEL)}")
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}")
@@ -314,8 +317,10 @@ def plot_losses(history, best_epoch, path):
     epochs = [row["epoch"] for row in history]
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for part, color in (("total", "C0"), ("bce", "C1"), ("kl", "C2")):
-        axes.plot(epochs, [row[f"train_{part}"] for row in history], color=color, label=f"train {part}")
-        axes.plot(epochs, [row[f"val_{part}"] for row in history], color=color, linestyle="--", label=f"val {part}")
+        axes.plot(epochs, [row[f"train_{part}"] for row in history], color=color, marker="o", markersize=3,
+                  label=f"train {part}")
+        axes.plot(epochs, [row[f"val_{part}"] for row in history], color=color, marker="o", markersize=3,
+                  linestyle="--", label=f"val {part}")
     axes.axvline(best_epoch, color="grey", linewidth=0.8, label=f"best epoch ({best_epoch})")
     axes.set(xlabel="epoch", ylabel="loss per image (nats)", title="LSTM-VAE on MNIST: training curves")
     axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -367,7 +372,7 @@ def sample_digits(model, n, seed):
 
 def generate(args):
     model, _ = load_model(args.checkpoint, resolve_device(args.device))
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "generated.png"
+    out = Path(args.out) if args.out else default_out(args.checkpoint) / "generated.png"
     picture_format(out)
     check_out_dir(out.parent)
     save_grid(sample_digits(model, args.n, args.seed), out, args.nrow)
@@ -510,7 +515,7 @@ def importance_weighted_nll(model, images, n_samples, chunk=None):
 def evaluate_command(args):
     device = resolve_device(args.device)
     model, config = load_model(args.checkpoint, device)
-    json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "evaluation.json"
+    json_path = Path(args.json) if args.json else default_out(args.checkpoint) / "evaluation.json"
     check_out_dir(json_path.parent)
     images = (load_mnist(args.data_dir, train=False) if args.split == "test" else
               load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])[args.split == "val"])
@@ -626,7 +631,7 @@ def active_units_line(exploration):
 def explore_command(args):
     device = resolve_device(args.device)
     model, config = load_model(args.checkpoint, device)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    out = Path(args.out) if args.out else default_out(args.checkpoint)
     check_out_dir(out)
     images, labels = load_mnist(args.data_dir, train=False, labels=True)
     exploration = explore(model, as_measured(images, config).to(device), labels, out, args.checkpoint)
@@ -757,6 +762,17 @@ def gist(error):
 
 # ------------------------------------------------------------------------ Files: each written whole or not at all
 
+PUBLISHED = Path(__file__).resolve().parent / "docs" / "runs"  # the runs behind the published tables, with models
+PUBLISHED_MODEL = PUBLISHED / "design-report-seed0" / "best_model.pt"  # the README's first check
+
+
+def default_out(checkpoint):
+    """Where generate, evaluate and explore write unless told: beside the checkpoint, but for a published model
+    (docs/runs/NAME) in runs/published/NAME, so that the published files stay as they were measured."""
+    folder = Path(checkpoint).parent
+    return Path("runs", "published", folder.name) if folder.resolve().parent == PUBLISHED else folder
+
+
 def write_atomically(path, write):
     """write(file) into memory, then into a temporary file beside `path`, renamed over it: a kill at any moment
     leaves the old file or the new, with open()'s mode under the umask; a full disk leaves no temporary file."""
@@ -828,8 +844,6 @@ def figure_format(path):
 
 def read_checkpoint(path):
     """torch.load with weights_only=True: a pickle that carries code is refused, never run."""
-    if not Path(path).is_file():
-        raise UserError(f"no checkpoint at {path}")
     try:
         with warnings.catch_warnings():  # a refused file is reported below, in one line
             warnings.simplefilter("ignore")
@@ -1048,16 +1062,19 @@ def parse_args(argv=None):
     generate_parser.add_argument("--nrow", type=POSITIVE_INT, default=10, help="digits per row of the grid")
     generate_parser.add_argument("--seed", type=SEED, default=0, help="seed of the z draws")
     generate_parser.add_argument("--out", help="picture to write, in the format its suffix names (.png, .jpg, ...; "
-                                               "default: generated.png beside the checkpoint)")
+                                               "default: generated.png beside the checkpoint, or in "
+                                               "runs/published/NAME for a published model)")
 
     evaluate_parser = add("evaluate", "per-image losses of a split, and an importance-weighted bound")
     evaluate_parser.add_argument("--split", choices=["train", "val", "test"], default="test", help="which images")
     evaluate_parser.add_argument("--iw-samples", type=NATURAL, default=0, help="K > 1 adds the importance-weighted "
                                  "estimate, K samples an image: -log p(x) with --binarize, else a bound (README)")
-    evaluate_parser.add_argument("--json", help="JSON to write (default: evaluation.json beside the checkpoint)")
+    evaluate_parser.add_argument("--json", help="JSON to write (default: evaluation.json beside the checkpoint, or in "
+                                                "runs/published/NAME for a published model)")
 
     explore_parser = add("explore", "the latent space on the test set: interpolation, map by digit, active units")
-    explore_parser.add_argument("--out", help="folder for its four files (default: the checkpoint's folder)")
+    explore_parser.add_argument("--out", help="folder for its four files (default: the checkpoint's folder, or "
+                                              "runs/published/NAME for a published model)")
 
     compare_parser = add("compare", "runs side by side: a CSV row each, each variant's mean, their digits")
     compare_parser.add_argument("runs", nargs="+", help="run folders written by train (and evaluate)")
@@ -1065,7 +1082,8 @@ def parse_args(argv=None):
     compare_parser.add_argument("--figure", help="figure to write: 100 digits of each variant's first run (.png, ...)")
 
     for command in (generate_parser, evaluate_parser, explore_parser):
-        command.add_argument("--checkpoint", default="runs/lstm_vae/best_model.pt", help="model to load")
+        command.add_argument("--checkpoint", default="runs/lstm_vae/best_model.pt",
+                             help="model to load (the published ones: docs/runs/NAME/best_model.pt)")
     for command in (train_parser, evaluate_parser, explore_parser):
         command.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (downloaded if absent)")
     for command in (train_parser, generate_parser, evaluate_parser, explore_parser):
