@@ -643,13 +643,17 @@ def test_the_loss_plot_draws_each_curve_through_its_marked_values(epochs, drawn,
     history = [{"epoch": epoch, **{name.replace(" ", "_"): 100.0 * (1 + column) + epoch
                                    for column, name in enumerate(LOSS_PARTS)}} for epoch in range(1, epochs + 1)]
     vae_lstm.plot_losses(history, epochs, tmp_path / "loss_plot.png")
-    curves = {line.get_label(): line for line in drawn["loss_plot.png"].axes[0].lines}
+    axes = drawn["loss_plot.png"].axes[0]
+    curves = {line.get_label(): line for line in axes.lines}
     assert set(curves) == {*LOSS_PARTS, f"best epoch ({epochs})"}
     for name in LOSS_PARTS:
         assert list(curves[name].get_xdata()) == list(range(1, epochs + 1))
         assert list(curves[name].get_ydata()) == [row[name.replace(" ", "_")] for row in history], name
         assert curves[name].get_marker() == "o", name  # one epoch draws no line, but its points
     assert list(curves[f"best epoch ({epochs})"].get_xdata()) == [epochs, epochs]
+    assert axes.get_xlim() == (0.5, epochs + 0.5)  # the points clear of the frame
+    ticks = [tick for tick in axes.get_xticks() if 0.5 <= tick <= epochs + 0.5]
+    assert ticks and all(tick == int(tick) for tick in ticks), ticks  # whole epochs only
 
 
 # ------------------------------------------ Test (section 3): the best model, under torch.no_grad(), never a step

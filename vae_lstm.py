@@ -323,7 +323,8 @@ def plot_losses(history, best_epoch, path):
                   linestyle="--", label=f"val {part}")
     axes.axvline(best_epoch, color="grey", linewidth=0.8, label=f"best epoch ({best_epoch})")
     axes.set(xlabel="epoch", ylabel="loss per image (nats)", title="LSTM-VAE on MNIST: training curves")
-    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes.set_xlim(0.5, epochs[-1] + 0.5)  # a short run's points clear of the frame, on whole epochs
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
     axes.legend(ncol=2, fontsize=8)
     save_figure(figure, path)
 
