@@ -382,6 +382,21 @@ def test_variants_the_report_code_can_build_load_strictly_into_it(flags, report_
     ReportCodeVAE(**report_arguments).load_state_dict(model.state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("name, latent_dim", [("small", 8), ("first-encoder", 16)])
+def test_a_variant_round_trips_through_its_checkpoint(name, latent_dim, variant_runs, tiny_mnist, tmp_path):
+    run = variant_runs[name]
+    results, checkpoint = read_results(run), run / "best_model.pt"
+    assert torch.load(checkpoint, weights_only=True)["config"]["latent_dim"] == latent_dim
+    assert main(["generate", "--checkpoint", str(checkpoint), "--n", "4", "--out", str(tmp_path / "four.png")]) == 0
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--json",
+                 str(tmp_path / "evaluation.json"), "--iw-samples", "3"]) == 0
+    assert json.loads((tmp_path / "evaluation.json").read_text())["total"] == pytest.approx(results["test"]["total"],
+                                                                                            rel=1e-6)
+    assert main(["explore", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--out",
+                 str(tmp_path / "explored")]) == 0
+    assert len(json.loads((tmp_path / "explored" / "exploration.json").read_text())["activity"]) == latent_dim
+
+
 def test_a_bare_state_dict_of_the_report_code_loads_as_the_report_model(tmp_path):
     torch.manual_seed(0)
     report_weights = ReportCodeVAE().state_dict()
@@ -1041,6 +1056,7 @@ def test_explore_command_writes_its_four_files(reference_run, tiny_mnist, tmp_pa
     for row, (left, right) in enumerate(exploration["interpolation_pairs"]):  # the pair's own images frame each row
         np.testing.assert_allclose(cells[row, 0], images[left].numpy() * 255, atol=1)
         np.testing.assert_allclose(cells[row, -1], images[right].numpy() * 255, atol=1)
+    assert [Image.open(tmp_path / name).size[0] for name in ("latent_map.png", "latent_usage.png")] == [700, 700]
     points = drawn["latent_map.png"].axes[0].collections[0]
     projection, explained = vae_lstm.principal_components(mu)
     assert exploration["principal_components_variance"] == pytest.approx(explained)
@@ -1319,12 +1335,15 @@ def test_sigterm_stops_the_command_in_one_line_and_sigkill_leaves_no_lock(refere
                       f"{' '.join(train_args(tiny_mnist, tmp_path))} --epochs 50 --resume\n")
 
     child = start("--resume")
-    assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(tmp_path), "--resume"]) == 2
-    one_error_line(capsys.readouterr(), str(tmp_path), "in use by another train")  # refused before the data
+    for extra in ([], ["--resume"]):
+        assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(tmp_path), *extra]) == 2
+        one_error_line(capsys.readouterr(), str(tmp_path), "in use by another train")  # refused before the data
     child.kill()
     child.communicate(timeout=60)
     assert child.returncode == -signal.SIGKILL and not (tmp_path / "results.json").exists()
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] <= TINY_EPOCHS
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"epoch", "model", "optimizer", "best_val", "bad_epochs", "history", "rng"} <= set(last)
+    assert last["epoch"] <= TINY_EPOCHS
 
     assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 0  # the lock went with the process
     assert losses(read_results(tmp_path)) == losses(read_results(reference_run[0]))
