@@ -584,19 +584,6 @@ def test_the_best_model_is_tested_not_the_last(tiny_mnist, tmp_path, monkeypatch
     assert results["test"]["total"] < evaluate(last, test_images)["total"] - 100
 
 
-def test_the_kl_weight_weighs_the_kl_in_training_validation_test_and_evaluate(tiny_mnist, tmp_path):
-    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "1", "--kl-weight", "0.25")) == 0
-    epoch = next(csv.DictReader(io.StringIO((tmp_path / "history.csv").read_text())))
-    for split in ("train", "val"):
-        bce, kl, total = (float(epoch[f"{split}_{part}"]) for part in ("bce", "kl", "total"))
-        assert total == pytest.approx(bce + 0.25 * kl, rel=1e-6) and kl > 1e-3, split
-    results = read_results(tmp_path)
-    assert results["test"]["total"] == pytest.approx(results["test"]["bce"] + 0.25 * results["test"]["kl"], rel=1e-6)
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "best_model.pt"), "--data-dir", str(tiny_mnist)]) == 0
-    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
-    assert evaluation["total"] == pytest.approx(results["test"]["total"], rel=1e-6)
-
-
 @pytest.fixture
 def no_read_back(monkeypatch):
     """Any read of a tensor's value by the host fails: on a GPU each would wait for the queued work."""
@@ -674,41 +661,6 @@ def test_the_loss_plot_draws_each_curve_through_its_marked_values(epochs, drawn,
 
 # ------------------------------------------ Test (section 3): the best model, under torch.no_grad(), never a step
 
-def test_train_command_writes_every_artifact(reference_run):
-    out, stdout = reference_run
-    checkpoint = torch.load(out / "best_model.pt", weights_only=True)
-    assert set(checkpoint) == {"config", "model", "epoch", "val_loss"}
-    assert checkpoint["config"]["latent_dim"] == 64 and checkpoint["config"]["lr"] == 1e-3
-    rows = (out / "history.csv").read_text().splitlines()
-    assert rows[0].split(",")[:7] == ["epoch", "train_bce", "train_kl", "train_total", "val_bce", "val_kl", "val_total"]
-    assert "seconds" in rows[0] and len(rows) == 1 + TINY_EPOCHS
-    val_totals = [float(row.split(",")[6]) for row in rows[1:]]
-    assert checkpoint["epoch"] == 1 + val_totals.index(min(val_totals))
-    assert checkpoint["val_loss"] == pytest.approx(min(val_totals))
-
-    results = read_results(out)
-    assert results["best_epoch"] == checkpoint["epoch"] and results["epochs_run"] == TINY_EPOCHS
-    assert results["stop_reason"] == f"reached --epochs {TINY_EPOCHS}"
-    assert results["val"]["total"] == pytest.approx(checkpoint["val_loss"], rel=1e-6)  # of the model saved
-    for split in ("train", "val", "test"):
-        bce, kl, total = (results[split][name] for name in ("bce", "kl", "total"))
-        assert 0 < kl and 0 < bce < 784 * math.log(2) * 2 and total == pytest.approx(bce + kl)
-    assert results["seconds"] > 0 and results["train_images_per_second"] > 0
-    assert "97.57" in stdout and f"{results['test']['total']:.2f}" in stdout  # beside the report's numbers
-
-    assert Image.open(out / "loss_plot.png").size == (700, 450)
-    for name in ("train_reconstruction.png", "test_reconstruction.png"):
-        cells = digit_cells(out / name, 2, 10)  # ten originals above their reconstructions
-        assert_every_cell_is_drawn(cells)
-    assert_every_cell_is_drawn(digit_cells(out / "generated.png", 10, 10))
-    written = ["best_model.pt", "last.pt", "history.csv", "results.json", "loss_plot.png", "train_reconstruction.png",
-               "test_reconstruction.png", "generated.png", *vae_lstm.EXPLORATION_FILES]
-    umask = os.umask(0o022)
-    os.umask(umask)
-    assert {name: stat.S_IMODE((out / name).stat().st_mode) for name in written} == dict.fromkeys(written,
-                                                                                               0o666 & ~umask)
-
-
 def test_the_reconstructions_are_the_first_test_images_above_their_decodings(reference_run, tiny_mnist):
     cells = digit_cells(reference_run[0] / "test_reconstruction.png", 2, 10)
     images = vae_lstm.load_mnist(tiny_mnist, train=False)[:10]
@@ -717,24 +669,6 @@ def test_the_reconstructions_are_the_first_test_images_above_their_decodings(ref
     with torch.no_grad():
         recon = model.eval()(images, torch.Generator().manual_seed(vae_lstm.EVAL_SEED))[0]
     np.testing.assert_allclose(cells[1], recon.squeeze(1).numpy() * 255, atol=1)
-
-
-# The nine losses of the tiny reference run by the code before --binarize and the design flags existed, on an
-# AMD EPYC with torch 2.14.1. Another CPU or torch build rounds differently (about 1e-6 here); one more random
-# draw per epoch moves them by 0.5 to 3 %.
-LOSSES_BEFORE_THE_FLAGS = {
-    "train bce": 265.4654730902778, "train kl": 0.9484239366319445, "train total": 266.4138888888889,
-    "val bce": 229.3482421875, "val kl": 0.9450061798095704, "val total": 230.2932373046875,
-    "test bce": 272.4857421875, "test kl": 0.9482423400878907, "test total": 273.433984375,
-}
-
-
-def test_without_the_new_flags_a_run_gives_the_numbers_of_the_code_before_them(reference_run):
-    if vae_lstm.resolve_device("auto").type != "cpu":
-        pytest.skip("these numbers were measured on the CPU, and `train` here ran on a GPU")
-    checkpoint = torch.load(reference_run[0] / "best_model.pt", weights_only=True)
-    assert checkpoint["config"]["binarize"] is False and checkpoint["config"]["hidden_size"] == 64
-    assert losses(read_results(reference_run[0])) == pytest.approx(LOSSES_BEFORE_THE_FLAGS, rel=1e-4)
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
@@ -820,6 +754,74 @@ def test_a_published_model_generates_without_training_and_leaves_the_published_f
     assert_every_cell_is_drawn(digit_cells(written, 10, 10))
     assert sorted(path.stat().st_mtime_ns for path in vae_lstm.PUBLISHED.rglob("*")) == published
     assert vae_lstm.default_out(tmp_path / "run" / "best_model.pt") == tmp_path / "run"  # others: beside the model
+
+
+# ----------------------------------------------- The train command: train and validate, test the best model, draw
+
+def test_train_command_writes_every_artifact(reference_run):
+    out, stdout = reference_run
+    checkpoint = torch.load(out / "best_model.pt", weights_only=True)
+    assert set(checkpoint) == {"config", "model", "epoch", "val_loss"}
+    assert checkpoint["config"]["latent_dim"] == 64 and checkpoint["config"]["lr"] == 1e-3
+    rows = (out / "history.csv").read_text().splitlines()
+    assert rows[0].split(",")[:7] == ["epoch", "train_bce", "train_kl", "train_total", "val_bce", "val_kl", "val_total"]
+    assert "seconds" in rows[0] and len(rows) == 1 + TINY_EPOCHS
+    val_totals = [float(row.split(",")[6]) for row in rows[1:]]
+    assert checkpoint["epoch"] == 1 + val_totals.index(min(val_totals))
+    assert checkpoint["val_loss"] == pytest.approx(min(val_totals))
+
+    results = read_results(out)
+    assert results["best_epoch"] == checkpoint["epoch"] and results["epochs_run"] == TINY_EPOCHS
+    assert results["stop_reason"] == f"reached --epochs {TINY_EPOCHS}"
+    assert results["val"]["total"] == pytest.approx(checkpoint["val_loss"], rel=1e-6)  # of the model saved
+    for split in ("train", "val", "test"):
+        bce, kl, total = (results[split][name] for name in ("bce", "kl", "total"))
+        assert 0 < kl and 0 < bce < 784 * math.log(2) * 2 and total == pytest.approx(bce + kl)
+    assert results["seconds"] > 0 and results["train_images_per_second"] > 0
+    assert "97.57" in stdout and f"{results['test']['total']:.2f}" in stdout  # beside the report's numbers
+
+    assert Image.open(out / "loss_plot.png").size == (700, 450)
+    for name in ("train_reconstruction.png", "test_reconstruction.png"):
+        cells = digit_cells(out / name, 2, 10)  # ten originals above their reconstructions
+        assert_every_cell_is_drawn(cells)
+    assert_every_cell_is_drawn(digit_cells(out / "generated.png", 10, 10))
+    written = ["best_model.pt", "last.pt", "history.csv", "results.json", "loss_plot.png", "train_reconstruction.png",
+               "test_reconstruction.png", "generated.png", *vae_lstm.EXPLORATION_FILES]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {name: stat.S_IMODE((out / name).stat().st_mode) for name in written} == dict.fromkeys(written,
+                                                                                               0o666 & ~umask)
+
+
+# The nine losses of the tiny reference run by the code before --binarize and the design flags existed, on an
+# AMD EPYC with torch 2.14.1. Another CPU or torch build rounds differently (about 1e-6 here); one more random
+# draw per epoch moves them by 0.5 to 3 %.
+LOSSES_BEFORE_THE_FLAGS = {
+    "train bce": 265.4654730902778, "train kl": 0.9484239366319445, "train total": 266.4138888888889,
+    "val bce": 229.3482421875, "val kl": 0.9450061798095704, "val total": 230.2932373046875,
+    "test bce": 272.4857421875, "test kl": 0.9482423400878907, "test total": 273.433984375,
+}
+
+
+def test_without_the_new_flags_a_run_gives_the_numbers_of_the_code_before_them(reference_run):
+    if vae_lstm.resolve_device("auto").type != "cpu":
+        pytest.skip("these numbers were measured on the CPU, and `train` here ran on a GPU")
+    checkpoint = torch.load(reference_run[0] / "best_model.pt", weights_only=True)
+    assert checkpoint["config"]["binarize"] is False and checkpoint["config"]["hidden_size"] == 64
+    assert losses(read_results(reference_run[0])) == pytest.approx(LOSSES_BEFORE_THE_FLAGS, rel=1e-4)
+
+
+def test_the_kl_weight_weighs_the_kl_in_training_validation_test_and_evaluate(tiny_mnist, tmp_path):
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "1", "--kl-weight", "0.25")) == 0
+    epoch = next(csv.DictReader(io.StringIO((tmp_path / "history.csv").read_text())))
+    for split in ("train", "val"):
+        bce, kl, total = (float(epoch[f"{split}_{part}"]) for part in ("bce", "kl", "total"))
+        assert total == pytest.approx(bce + 0.25 * kl, rel=1e-6) and kl > 1e-3, split
+    results = read_results(tmp_path)
+    assert results["test"]["total"] == pytest.approx(results["test"]["bce"] + 0.25 * results["test"]["kl"], rel=1e-6)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "best_model.pt"), "--data-dir", str(tiny_mnist)]) == 0
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["total"] == pytest.approx(results["test"]["total"], rel=1e-6)
 
 
 # ==============================================================================================================
