@@ -3,7 +3,6 @@
 Most tests run on tiny MNIST-format files written here; two use the real MNIST, found at $VAE_LSTM_MNIST, else
 at ../shared/mnist or ./data beside this file: a brief training, and the published models' numbers.
 """
-import concurrent.futures
 import contextlib
 import csv
 import errno
@@ -1319,40 +1318,37 @@ def test_a_resumed_run_keeps_the_best_total_and_the_epochs_without_a_better_one(
     assert "interrupted" in capsys.readouterr().err
 
 
-def paused_after_its_first_epoch(child):
-    """Reads a `train` subprocess's output until it has held its folder and saved an epoch, then pauses it."""
-    assert "images; device" in child.stdout.readline()
-    next(line for line in child.stdout if line.startswith("epoch "))
-    child.send_signal(signal.SIGSTOP)
+def test_sigterm_stops_the_command_in_one_line_and_sigkill_leaves_no_lock(reference_run, tiny_mnist, tmp_path, capsys):
+    def start(*extra):  # the script itself, as a user or a scheduler runs it, until it has held the folder
+        child = subprocess.Popen([sys.executable, str(HERE / "vae_lstm.py"), *train_args(tiny_mnist, tmp_path),
+                                  "--epochs", "50", *extra], cwd=HERE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        assert "images; device" in child.stdout.readline()
+        next(line for line in child.stdout if line.startswith("epoch "))
+        return child
 
+    child = start()
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM
+    epoch = torch.load(tmp_path / "last.pt", weights_only=True)["epoch"]
+    assert stderr == (f"terminated (SIGTERM); {tmp_path / 'last.pt'} holds epoch {epoch} and "
+                      f"{tmp_path / 'best_model.pt'} the best so far, both intact; resume with: python vae_lstm.py "
+                      f"{' '.join(train_args(tiny_mnist, tmp_path))} --epochs 50 --resume\n")
 
-def test_sigterm_and_sigkill_to_the_command_leave_a_run_that_resumes(reference_run, tiny_mnist, tmp_path, capsys):
-    runs = {stop: tmp_path / stop.name for stop in (signal.SIGTERM, signal.SIGKILL)}
-    children = {stop: subprocess.Popen([sys.executable, str(HERE / "vae_lstm.py"), *train_args(tiny_mnist, run),
-                                        "--epochs", "50"], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True) for stop, run in runs.items()}  # the script itself, twice at once
-    with concurrent.futures.ThreadPoolExecutor() as pool:
-        list(pool.map(paused_after_its_first_epoch, children.values()))
-    for extra in ([], ["--resume"]):  # a live run's folder, refused before any data is read
-        assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(runs[signal.SIGKILL]), *extra]) == 2
-        one_error_line(capsys.readouterr(), str(runs[signal.SIGKILL]), "in use by another train")
-    for stop, child in children.items():
-        child.send_signal(stop)
-        child.send_signal(signal.SIGCONT)
-    _, stderr = children[signal.SIGTERM].communicate(timeout=60)
-    children[signal.SIGKILL].communicate(timeout=60)
-    assert [child.returncode for child in children.values()] == [128 + signal.SIGTERM, -signal.SIGKILL]
+    child = start("--resume")
+    for extra in ([], ["--resume"]):
+        assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(tmp_path), *extra]) == 2
+        one_error_line(capsys.readouterr(), str(tmp_path), "in use by another train")  # refused before the data
+    child.kill()
+    child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL and not (tmp_path / "results.json").exists()
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"epoch", "model", "optimizer", "best_val", "bad_epochs", "history", "rng"} <= set(last)
+    assert last["epoch"] <= TINY_EPOCHS
 
-    last = {stop: torch.load(run / "last.pt", weights_only=True) for stop, run in runs.items()}
-    run = runs[signal.SIGTERM]
-    assert stderr == (f"terminated (SIGTERM); {run / 'last.pt'} holds epoch {last[signal.SIGTERM]['epoch']} and "
-                      f"{run / 'best_model.pt'} the best so far, both intact; resume with: python vae_lstm.py "
-                      f"{' '.join(train_args(tiny_mnist, run))} --epochs 50 --resume\n")
-    for stop, run in runs.items():
-        assert {"epoch", "model", "optimizer", "best_val", "bad_epochs", "history", "rng"} <= set(last[stop])
-        assert last[stop]["epoch"] <= 2 and not (run / "results.json").exists()
-        assert main(train_args(tiny_mnist, run, "--resume")) == 0  # the lock went with the process
-        assert losses(read_results(run)) == losses(read_results(reference_run[0])), stop.name
+    assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 0  # the lock went with the process
+    assert losses(read_results(tmp_path)) == losses(read_results(reference_run[0]))
 
 
 @pytest.mark.parametrize("command, stopped_in, said, status", [
