@@ -158,11 +158,15 @@ def one_error_line(captured, *words):
         assert word in lines[0]
 
 
-def digit_cells(path, rows, columns):
-    """The 28x28 cells of a grid that save_grid wrote, without its 2-pixel padding: (rows, columns, 28, 28)."""
-    pixels = np.asarray(Image.open(path).convert("L"), dtype=float)
+def grid_cells(pixels, rows, columns):
+    """The 28x28 cells of a grid of torchvision's, without its 2-pixel padding: (rows, columns, 28, 28)."""
     assert pixels.shape == (2 + 30 * rows, 2 + 30 * columns)
     return pixels[2:, 2:].reshape(rows, 30, columns, 30)[:, :28, :, :28].transpose(0, 2, 1, 3)
+
+
+def digit_cells(path, rows, columns):
+    """The cells of a grid that save_grid wrote, in grey levels 0 to 255."""
+    return grid_cells(np.asarray(Image.open(path).convert("L"), dtype=float), rows, columns)
 
 
 def assert_every_cell_is_drawn(cells):
@@ -1161,8 +1165,7 @@ def test_compare_draws_the_published_models_without_training(tmp_path, capsys, d
     panels = [axes for axes in drawn["digits.png"].axes if axes.images]
     assert [axes.get_title() for axes in panels] == ["--binarize", "report"]
     for axes in panels:  # 100 digits, 10 to a row, each one drawn
-        grid = axes.images[0].get_array()[..., 0] * 255
-        assert_every_cell_is_drawn(grid[2:, 2:].reshape(10, 30, 10, 30)[:, :28, :, :28].transpose(0, 2, 1, 3))
+        assert_every_cell_is_drawn(grid_cells(axes.images[0].get_array()[..., 0] * 255, 10, 10))
 
 
 def test_compare_names_a_run_folder_it_cannot_read(reference_run, tmp_path, capsys):
