@@ -216,7 +216,7 @@ def raise_in_epoch(monkeypatch, epoch, stop):
     monkeypatch.setattr(vae_lstm, "train_epoch", stopped)
 
 
-def press_ctrl_c(*args):
+def press_ctrl_c():
     raise KeyboardInterrupt
 
 
@@ -1307,7 +1307,7 @@ def test_a_stopped_run_resumes_to_the_numbers_of_an_uninterrupted_one(stop, refe
 
 def test_a_resumed_run_keeps_the_best_total_and_the_epochs_without_a_better_one(tiny_mnist, tmp_path, monkeypatch,
                                                                                capsys):
-    evaluated = scripted_training(monkeypatch, [9.0, 7.0, 8.0, 8.5])  # the best at epoch 2, then two not better
+    scripted_training(monkeypatch, [9.0, 7.0, 8.0, 8.5])  # the best at epoch 2, then two not better
     raise_in_epoch(monkeypatch, 5, press_ctrl_c)
     assert main(train_args(tiny_mnist, tmp_path, "--patience", "3")) == 130
     monkeypatch.undo()
