@@ -18,11 +18,13 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -33,6 +35,7 @@ from vae_lstm import CONFIG, VAE, EarlyStopping, evaluate, main, split_indices, 
 HERE = Path(__file__).resolve().parent
 TINY_TRAIN, TINY_TEST = 200, 50  # 180 training images: batches of 64, 64 and a short 52
 TINY_EPOCHS = 6
+vae_lstm.SCORED_DIGITS = 200  # train and evaluate score 200 digits here, not 10,000; the real-data tests all of them
 PUBLISHED_RUNS = ["binarized-seed0", "design-report-seed0", "design-report-seed1", "design-report-seed2"]
 
 # The report's Figure 1: every parameter's name and shape (175,665 in all).
@@ -271,6 +274,21 @@ def test_unreadable_data_is_one_clear_line(make_data_dir, words, tiny_mnist, tmp
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_train_downloads_mnist_to_data_when_it_is_absent(tiny_mnist, tmp_path, monkeypatch):
+    fetched = []
+
+    def download(dataset):  # torchvision's download, watched: "the internet" holds tiny MNIST
+        fetched.append(Path(dataset.raw_folder))
+        shutil.copytree(tiny_mnist / "MNIST" / "raw", dataset.raw_folder, dirs_exist_ok=True)
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", download)
+    monkeypatch.chdir(tmp_path)
+    assert vae_lstm.parse_args(["train"]).data_dir == "data"  # ./data unless told
+    assert main(["train", "--epochs", "1", "--out", "run"]) == 0
+    assert fetched and set(fetched) == {Path("data", "MNIST", "raw")}
+    assert sorted(path.name for path in (tmp_path / "data" / "MNIST" / "raw").iterdir()) == sorted(vae_lstm.MNIST_FILES)
+    assert read_results(tmp_path / "run")["epochs_run"] == 1
+
+
 def test_images_of_another_size_are_not_mnist(tiny_mnist, tmp_path, capsys):
     data_dir = altered_copy(tiny_mnist, tmp_path, "train-images-idx3-ubyte",
                             lambda data: idx_bytes(np.zeros((TINY_TRAIN, 20, 20))))
@@ -422,6 +440,21 @@ def test_a_checkpoint_round_trips_with_its_config(tmp_path):
     assert torch.equal(loaded.eval()(x, torch.Generator().manual_seed(0))[0], expected)
 
 
+def test_a_checkpoint_saved_on_a_gpu_loads_on_a_machine_without_one(reference_run, tmp_path, fake_devices, capsys):
+    checkpoint = torch.load(reference_run[0] / "best_model.pt", weights_only=True)
+    with pytest.MonkeyPatch.context() as saving_on_a_gpu:  # torch.save records each tensor's device: cuda:0 here
+        saving_on_a_gpu.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(checkpoint, tmp_path / "best_model.pt")
+    fake_devices(cuda=False, mps=False)
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load of it does here
+        torch.load(tmp_path / "best_model.pt", weights_only=True)
+    model, _ = vae_lstm.load_model(tmp_path / "best_model.pt", torch.device("cpu"))
+    assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}
+    assert main(["generate", "--checkpoint", str(tmp_path / "best_model.pt")]) == 0  # --device auto: the CPU
+    original = Image.open(reference_run[0] / "generated.png").convert("L")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "generated.png").convert("L")), np.asarray(original))
+
+
 class CodeCarrier:
     """A pickle that, when loaded without weights_only, runs code: it creates a file."""
 
@@ -551,11 +584,13 @@ def test_early_stopping_counts_epochs_without_improvement():
 
 
 def test_training_stops_at_the_right_epoch_keeps_the_best_and_resumes_to_nothing(tiny_mnist, tmp_path, monkeypatch,
-                                                                                capsys):
+                                                                                capsys, drawn):
     evaluated = scripted_training(monkeypatch, [9.0, 8.0, 7.0, 7.5, 7.2, 7.0, 8.0])  # best at 3, then 3 not better
     assert main(train_args(tiny_mnist, tmp_path, "--epochs", "50", "--patience", "3")) == 0
     results = read_results(tmp_path)
     assert results["epochs_run"] == 6 and results["best_epoch"] == 3
+    best_line = next(line for line in drawn["loss_plot.png"].axes[0].lines if line.get_label().startswith("best"))
+    assert best_line.get_label() == "best epoch (3)" and list(best_line.get_xdata()) == [3, 3]
     assert results["stop_reason"].startswith("early stopping")
     assert torch.load(tmp_path / "best_model.pt", weights_only=True)["epoch"] == 3
     assert evaluated == [1, 2, 3, 4, 5, 6, 3, 3, 3]  # validation after each epoch, then the best model tested
@@ -644,19 +679,19 @@ def test_a_diverging_run_stops_with_one_line(tiny_mnist, tmp_path, capsys):
 LOSS_PARTS = [f"{split} {part}" for split in ("train", "val") for part in ("total", "bce", "kl")]
 
 
-@pytest.mark.parametrize("epochs", [1, 3])
-def test_the_loss_plot_draws_each_curve_through_its_marked_values(epochs, drawn, tmp_path):
+@pytest.mark.parametrize("epochs, best", [(1, 1), (3, 2)])
+def test_the_loss_plot_draws_each_curve_through_its_marked_values(epochs, best, drawn, tmp_path):
     history = [{"epoch": epoch, **{name.replace(" ", "_"): 100.0 * (1 + column) + epoch
                                    for column, name in enumerate(LOSS_PARTS)}} for epoch in range(1, epochs + 1)]
-    vae_lstm.plot_losses(history, epochs, tmp_path / "loss_plot.png")
+    vae_lstm.plot_losses(history, best, tmp_path / "loss_plot.png")
     axes = drawn["loss_plot.png"].axes[0]
     curves = {line.get_label(): line for line in axes.lines}
-    assert set(curves) == {*LOSS_PARTS, f"best epoch ({epochs})"}
+    assert set(curves) == {*LOSS_PARTS, f"best epoch ({best})"}
     for name in LOSS_PARTS:
         assert list(curves[name].get_xdata()) == list(range(1, epochs + 1))
         assert list(curves[name].get_ydata()) == [row[name.replace(" ", "_")] for row in history], name
         assert curves[name].get_marker() == "o", name  # one epoch draws no line, but its points
-    assert list(curves[f"best epoch ({epochs})"].get_xdata()) == [epochs, epochs]
+    assert list(curves[f"best epoch ({best})"].get_xdata()) == [best, best]
     assert axes.get_xlim() == (0.5, epochs + 0.5)  # the points clear of the frame
     ticks = [tick for tick in axes.get_xticks() if 0.5 <= tick <= epochs + 0.5]
     assert ticks and all(tick == int(tick) for tick in ticks), ticks  # whole epochs only
@@ -796,6 +831,28 @@ def test_train_command_writes_every_artifact(reference_run):
                                                                                                0o666 & ~umask)
 
 
+def test_results_time_the_epochs_as_history_does(reference_run):
+    out, _ = reference_run
+    history, results = list(csv.DictReader(io.StringIO((out / "history.csv").read_text()))), read_results(out)
+    seconds, train_seconds = ([float(row[name]) for row in history] for name in ("seconds", "train_seconds"))
+    assert all(0 < train < epoch for train, epoch in zip(train_seconds, seconds))  # training, then validation
+    assert results["seconds_per_epoch"] == pytest.approx(sum(seconds) / TINY_EPOCHS, rel=1e-12)
+    assert results["train_images_per_second"] == pytest.approx(180 * TINY_EPOCHS / sum(train_seconds), rel=1e-12)
+    assert sum(seconds) < results["seconds"]  # the epochs, then the test of the best model
+
+
+def test_the_summary_table_puts_the_report_on_the_left_and_the_run_on_the_right(reference_run):
+    out, stdout = reference_run
+    results = read_results(out)
+    header, *rows = stdout.split("per-image losses of the best model (nats):\n")[1].splitlines()[:4]
+    assert "report" in header.split("|")[0] and "this run" in header.split("|")[1]
+    for row, split, name in zip(rows, ("train", "val", "test"), ("train", "valid", "test")):
+        report, this_run = row.split("|")
+        assert report.split()[0] == name
+        assert [float(cell) for cell in report.split()[1:]] == list(vae_lstm.REPORT_RESULTS[split].values())
+        assert [float(cell) for cell in this_run.split()] == pytest.approx(list(results[split].values()), abs=0.005)
+
+
 # The nine losses of the tiny reference run by the code before --binarize and the design flags existed, on an
 # AMD EPYC with torch 2.14.1. Another CPU or torch build rounds differently (about 1e-6 here); one more random
 # draw per epoch moves them by 0.5 to 3 %.
@@ -871,9 +928,11 @@ def grey_mnist(tmp_path_factory):
     return write_tiny_mnist(tmp_path_factory.mktemp("grey"), grey=True)
 
 
-def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path, capsys):
+def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path, monkeypatch, capsys):
     binarized_run, tiny_mnist = tmp_path, grey_mnist
+    scored = scored_inputs(monkeypatch)
     assert main(train_args(tiny_mnist, binarized_run, "--binarize")) == 0
+    monkeypatch.undo()
     checkpoint = binarized_run / "best_model.pt"
     assert torch.load(checkpoint, weights_only=True)["config"]["binarize"] is True
     evaluations = []
@@ -894,6 +953,11 @@ def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path,
     grey = vae_lstm.load_mnist(tiny_mnist, train=False)
     assert evaluate(model, vae_lstm.binarize_once(grey))["total"] == pytest.approx(first["total"], rel=1e-9)
     assert evaluate(model, grey)["total"] != pytest.approx(first["total"], rel=1e-4)  # not the grey levels
+    reference, _, reconstructions = scored  # its score: its reconstructions of binary images, against grey ones
+    assert torch.equal(reference, grey)
+    with torch.no_grad():
+        expected = model(vae_lstm.binarize_once(grey), torch.Generator().manual_seed(vae_lstm.EVAL_SEED))[0]
+    assert torch.equal(reconstructions, expected)
 
     assert main(["explore", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist)]) == 0
     assert json.loads((binarized_run / "exploration.json").read_text())["kl"] == pytest.approx(results["test"]["kl"],
@@ -985,6 +1049,14 @@ def test_interpolation_runs_from_the_decoded_mean_code_of_one_image_to_the_other
         midway = model.decode((mu[:4] + mu[4:]) / 2)
     torch.testing.assert_close(path[:, 4:6].mean(1), midway, rtol=0, atol=0.1)  # a path, not two end points
     assert (path[:, 0] - path[:, -1]).abs().max() > 0.01
+
+
+def test_the_interpolation_pairs_join_the_first_image_of_each_digit_and_hold_every_digit():
+    labels = torch.from_numpy(np.random.default_rng(0).permutation(np.arange(50) % 10))
+    first = [int(np.flatnonzero(labels.numpy() == digit)[0]) for digit in range(10)]
+    pairs = vae_lstm.interpolation_pairs(labels)
+    assert pairs == [(first[digit], first[(digit + 3) % 10]) for digit in range(8)]
+    assert {int(labels[index]) for pair in pairs for index in pair} == set(range(10))
 
 
 def test_principal_components_project_on_the_directions_of_most_variance():
@@ -1082,6 +1154,165 @@ def test_a_test_set_that_lacks_a_digit_is_not_mnist(reference_run, tiny_mnist, t
     one_error_line(capsys.readouterr(), "the test set lacks the digits [9]: not MNIST")
 
 
+# ------------------------------------ What the eye sees, measured: a digit classifier's score of the digits drawn
+
+def test_the_frechet_distance_of_two_gaussian_samples_is_its_closed_form():
+    generator = torch.Generator().manual_seed(0)
+    mixing_a, mixing_b = torch.randn(5, 5, generator=generator), torch.randn(5, 5, generator=generator)
+    mean_a, mean_b = torch.randn(5, generator=generator), torch.randn(5, generator=generator)
+    cov_a, cov_b = (mixing @ mixing.T + 0.1 * torch.eye(5) for mixing in (mixing_a, mixing_b))
+    a = mean_a + torch.randn(400_000, 5, generator=generator) @ torch.linalg.cholesky(cov_a).T
+    b = mean_b + torch.randn(400_000, 5, generator=generator) @ torch.linalg.cholesky(cov_b).T
+    # tr((C_a C_b)^1/2) from the eigenvalues of C_a C_b, not the symmetric product the code takes
+    closed_form = ((mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace()
+                   - 2 * torch.linalg.eigvals(cov_a.double() @ cov_b.double()).real.sqrt().sum())
+    assert vae_lstm.frechet_distance(a, b) == pytest.approx(float(closed_form), rel=0.01)
+    assert vae_lstm.frechet_distance(a[:1000], a[:1000]) == pytest.approx(0, abs=1e-9)
+    assert vae_lstm.frechet_distance(a, b) == pytest.approx(vae_lstm.frechet_distance(b, a), rel=1e-9)
+    few = torch.randn(20, 128, generator=generator)  # fewer images than features: singular covariances
+    assert 0 < vae_lstm.frechet_distance(few, few + 1) == pytest.approx(128, rel=1e-6)
+
+
+def scored_inputs(monkeypatch):
+    """classify, watched: the images of each of its calls, in order."""
+    seen, classify = [], vae_lstm.classify
+    monkeypatch.setattr(vae_lstm, "classify", lambda classifier, images: seen.append(images.clone()) or
+                        classify(classifier, images))
+    return seen
+
+
+def test_the_score_is_of_digits_from_the_prior_and_of_evaluate_s_reconstructions(reference_run, tiny_mnist,
+                                                                                 tmp_path, monkeypatch):
+    model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
+    images = vae_lstm.load_mnist(tiny_mnist, train=False)
+    seen = scored_inputs(monkeypatch)
+    scores = vae_lstm.score(model, images, images, vae_lstm.load_classifier(vae_lstm.CLASSIFIER), tmp_path / "f.png")
+    reference, digits, reconstructions = seen
+    assert torch.equal(reference, images)
+    assert torch.equal(digits, vae_lstm.sample_digits(model, vae_lstm.SCORED_DIGITS, vae_lstm.EVAL_SEED))
+    with torch.no_grad():  # the z of evaluate, which drew them from EVAL_SEED
+        expected = model(images, torch.Generator().manual_seed(vae_lstm.EVAL_SEED))[0]
+    assert torch.equal(reconstructions, expected)
+    assert sum(scores["samples"]["digits"]) == vae_lstm.SCORED_DIGITS
+    assert sum(scores["reconstructions"]["digits"]) == TINY_TEST
+
+
+def test_train_and_evaluate_give_one_score_of_one_model(reference_run, tiny_mnist, tmp_path, capsys):
+    out, stdout = reference_run
+    results = read_results(out)
+    assert main(["evaluate", "--checkpoint", str(out / "best_model.pt"), "--data-dir", str(tiny_mnist), "--json",
+                 str(tmp_path / "evaluation.json")]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads((tmp_path / "evaluation.json").read_text())["score"] == results["score"]
+    for kind in ("samples", "reconstructions"):
+        frechet, recognised = (results["score"][kind][name] for name in ("frechet", "recognised"))
+        assert frechet > 0 and 0 <= recognised <= 1
+        assert f"Fréchet distance {frechet:.2f}, {recognised:.1%} recognised" in printed
+        assert f"Fréchet distance {frechet:.2f}, {recognised:.1%} recognised" in stdout  # beside the summary table
+    digits = results["score"]["samples"]["digits"]
+    assert f"fewest {digits.index(min(digits))}s ({min(digits)})" in printed
+    assert (tmp_path / "digits_by_confidence.png").is_file()
+
+
+def test_the_figure_sets_the_least_recognisable_digits_beside_the_most(drawn, tmp_path):
+    digits = torch.rand(120, 1, 28, 28)
+    probabilities = torch.full((120, 10), 0.0)
+    confidence = torch.linspace(0.1, 1.0, 120)[torch.randperm(120, generator=torch.Generator().manual_seed(0))]
+    probabilities[torch.arange(120), torch.arange(120) % 10] = confidence
+    vae_lstm.plot_by_confidence(digits, probabilities, tmp_path / "digits.png", n=50)
+    least, most = drawn["digits.png"].axes
+    order = confidence.argsort()
+    for axes, chosen, which in ((least, order[:50], "least"), (most, order.flip(0)[:50], "most")):
+        assert which in axes.get_title()
+        expected = torchvision.utils.make_grid(digits[chosen], nrow=10, padding=2, pad_value=0.5)
+        np.testing.assert_allclose(axes.images[0].get_array(), expected.permute(1, 2, 0).numpy())
+        assert [text.get_text() for text in axes.texts] == [f"{int(i) % 10} {confidence[i]:.2f}" for i in chosen]
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("missing", "no such file"), ("truncated", "not a whole file"), ("a VAE", "Missing key"),
+    ("a list", "no digit classifier"), ("code", "refused it"),
+])
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_damaged_classifier_is_one_line_that_names_the_command_that_makes_one(damage, words, command, reference_run,
+                                                                                tiny_mnist, tmp_path, capsys):
+    path = tmp_path / "classifier.pt"
+    contents = {"missing": None, "truncated": vae_lstm.CLASSIFIER.read_bytes()[:1000],
+                "a VAE": (reference_run[0] / "best_model.pt").read_bytes(), "a list": torch_bytes([1, 2]),
+                "code": pickle.dumps({"1.weight": CodeCarrier(str(tmp_path / "ran"))})}[damage]
+    if contents is not None:
+        path.write_bytes(contents)
+    argv = (train_args(tiny_mnist, tmp_path / "run") if command == "train" else
+            ["evaluate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(tiny_mnist),
+             "--json", str(tmp_path / "evaluation.json")])
+    assert main([*argv, "--classifier", str(path)]) == 2
+    one_error_line(capsys.readouterr(), f"no digit classifier at {path}", words,
+                   f"make one with python vae_lstm.py classifier --out {path}")
+    assert not (tmp_path / "run" / "last.pt").exists()  # train refuses before its first epoch, not after its last
+    assert not (tmp_path / "evaluation.json").exists() and not (tmp_path / "ran").exists()
+
+
+def test_the_classifier_trains_reproducibly_from_a_seed_on_the_training_images_only(tiny_mnist, tmp_path, capsys):
+    def trained(data, name, *flags):
+        assert main(["classifier", "--data-dir", str(data), "--out", str(tmp_path / name / "c.pt"), *flags]) == 0
+        record = json.loads((tmp_path / name / "c.json").read_text())
+        return torch.load(tmp_path / name / "c.pt", weights_only=True), record
+
+    first, record = trained(tiny_mnist, "first")
+    other_test_images = altered_copy(tiny_mnist, tmp_path, "t10k-images-idx3-ubyte", lambda data: data[:16] + bytes(
+        reversed(data[16:])))
+    again = trained(other_test_images, "again, other test images")[0]  # reproducible, and blind to the test images
+    assert all(torch.equal(again[name], first[name]) for name in first)
+    assert not torch.equal(trained(tiny_mnist, "seed 1", "--seed", "1")[0]["1.weight"], first["1.weight"])
+    assert record["settings"] == {**vae_lstm.CLASSIFIER_SETTINGS, "seed": 0}
+    assert f"test accuracy {record['test_accuracy']:.2%}" in capsys.readouterr().out
+    assert set(record["reference_scores"]) == {"training images", "test images blurred, sigma 1"}
+    classifier = vae_lstm.load_classifier(tmp_path / "first" / "c.pt")
+    _, probabilities = vae_lstm.classify(classifier, vae_lstm.load_mnist(tiny_mnist, train=False))
+    labels = vae_lstm.load_mnist(tiny_mnist, train=False, labels=True)[1]
+    assert record["test_accuracy"] == (probabilities.argmax(1) == labels).double().mean().item()
+    assert vae_lstm.parse_args(["evaluate"]).classifier == "docs/classifier.pt"
+
+
+@pytest.fixture(scope="module")
+def shipped_classifier():
+    return vae_lstm.load_classifier(vae_lstm.CLASSIFIER)
+
+
+def test_the_shipped_classifier_recognises_99_percent_of_the_test_images(shipped_classifier):
+    images, labels = vae_lstm.load_mnist(real_mnist(), train=False, labels=True)
+    accuracy = (vae_lstm.classify(shipped_classifier, images)[1].argmax(1) == labels).double().mean().item()
+    record = json.loads(vae_lstm.CLASSIFIER.with_suffix(".json").read_text())
+    assert accuracy >= 0.99 and accuracy == pytest.approx(record["test_accuracy"], abs=2e-4)  # an image or two
+    assert vae_lstm.CLASSIFIER.stat().st_size <= 2**20
+
+
+def test_the_score_grows_with_blur_and_noise_and_the_training_images_score_lowest(shipped_classifier):
+    test_images, train_images = (vae_lstm.load_mnist(real_mnist(), train=train) for train in (False, True))
+    reference, _ = vae_lstm.classify(shipped_classifier, test_images)
+    few, noise = test_images[:2000], torch.randn(2000, 28, 28, generator=torch.Generator().manual_seed(0))
+
+    def frechet(images):  # 2,000 images each, as the number of images biases the distance
+        return vae_lstm.frechet_distance(vae_lstm.classify(shipped_classifier, images)[0], reference)
+    blurred = [frechet(torchvision.transforms.functional.gaussian_blur(few, 2 * math.ceil(3 * s) + 1, s))
+               for s in (0.5, 1.0, 2.0)]
+    noisy = [frechet((few + level * noise).clamp(0, 1)) for level in (0.1, 0.2, 0.4)]
+    floor = frechet(train_images[:2000])
+    assert floor < blurred[0] < blurred[1] < blurred[2] and floor < noisy[0] < noisy[1] < noisy[2], (blurred, noisy)
+    record = json.loads(vae_lstm.CLASSIFIER.with_suffix(".json").read_text())["reference_scores"]
+    assert record["training images"]["frechet"] < record["test images blurred, sigma 1"]["frechet"]
+
+
+def test_a_shipped_model_scores_as_on_record(shipped_classifier, real_test_images, monkeypatch):
+    monkeypatch.setattr(vae_lstm, "SCORED_DIGITS", 10_000)
+    model, _ = vae_lstm.load_model(vae_lstm.PUBLISHED_MODEL, "cpu")
+    recorded = read_results(vae_lstm.PUBLISHED_MODEL.parent)["score"]
+    measured = vae_lstm.score(model, real_test_images, real_test_images, shipped_classifier)
+    for kind in ("samples", "reconstructions"):
+        assert measured[kind]["frechet"] == pytest.approx(recorded[kind]["frechet"], rel=1e-3), kind
+        assert measured[kind]["recognised"] == pytest.approx(recorded[kind]["recognised"], abs=3e-4), kind
+
+
 # ---------------------------------------- Comparing runs: one row per run, the mean of each variant, their digits
 
 @pytest.mark.parametrize("flags", [
@@ -1122,6 +1353,8 @@ def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_r
         results = read_results(run)
         assert float(row["test_total"]) == results["test"]["total"] and int(row["parameters"]) == results["parameters"]
         assert row["device"] == results["machine"]["device"] and row["torch"] == torch.__version__
+        assert float(row["samples_frechet"]) == results["score"]["samples"]["frechet"]
+        assert float(row["reconstructions_recognised"]) == results["score"]["reconstructions"]["recognised"]
     assert rows[2]["parameters"] == str(lstm_parameters(16, 1) + 2 * linear_parameters(16, 8) + decoder_parameters(8))
 
     def cell(runs_of_variant, value):
@@ -1132,14 +1365,16 @@ def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_r
         results = [read_results(run) for run in runs_of_variant]
         explorations = [json.loads((run / "exploration.json").read_text()) for run in runs_of_variant]
         cells = [cell(results, lambda r: r["test"][part]) for part in ("total", "bce", "kl")]
-        cells += [iw, cell(explorations, lambda e: e["active_units"]), cell(results, lambda r: r["best_epoch"]),
+        cells += [iw, *(cell(results, lambda r: r["score"][kind][name]) for kind, name in (
+            ("samples", "frechet"), ("samples", "recognised"), ("reconstructions", "frechet")))]
+        cells += [cell(explorations, lambda e: e["active_units"]), cell(results, lambda r: r["best_epoch"]),
                   cell(results, lambda r: r["seconds_per_epoch"])]
         where = f"{results[0]['machine']['device']}, torch {torch.__version__}"
         return f"| {name} | {len(runs_of_variant)} | {' | '.join(cells)} | {where} |"
 
     assert table == [
-        "| variant | runs | test_total | test_bce | test_kl | iw | active_units | best_epoch | seconds_per_epoch "
-        "| device |", "|---" * 10 + "|",
+        "| variant | runs | test_total | test_bce | test_kl | iw | samples_frechet | samples_recognised "
+        "| reconstructions_frechet | active_units | best_epoch | seconds_per_epoch | device |", "|---" * 13 + "|",
         table_row("report", runs[:2], "240.00"),  # the bound of the one run that has one
         table_row(small_name, runs[2:], "")]
     assert (tmp_path / "study" / "digits.pdf").read_bytes().startswith(b"%PDF")
@@ -1222,8 +1457,8 @@ def test_a_full_disk_while_evaluating_is_one_line(reference_run, tiny_mnist, tmp
     monkeypatch.setattr(vae_lstm, "open", lambda path, mode="r": FullDisk(path, "w"), raising=False)
     assert main(["evaluate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(tiny_mnist),
                  "--json", str(tmp_path / "evaluation.json")]) == 1
-    one_error_line(capsys.readouterr(), "evaluation.json: No space left on device; nothing was written")
-    assert list(tmp_path.iterdir()) == []
+    one_error_line(capsys.readouterr(), "digits_by_confidence.png: No space left on device; no file is half-written")
+    assert list(tmp_path.iterdir()) == []  # the figure, the first file it writes, was not
 
 
 @pytest.mark.parametrize("suffix, pil_format", [(".png", "PNG"), (".jpg", "JPEG"), (".JPEG", "JPEG"), (".bmp", "BMP"),
@@ -1354,9 +1589,22 @@ def test_sigterm_stops_the_command_in_one_line_and_sigkill_leaves_no_lock(refere
     assert losses(read_results(tmp_path)) == losses(read_results(reference_run[0]))
 
 
+def test_a_second_sigterm_cannot_cut_the_way_out_short():
+    handler = signal.signal(signal.SIGTERM, vae_lstm.raise_terminated)  # as the script installs it
+    try:
+        with pytest.raises(vae_lstm.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises at the next bytecode
+        os.kill(os.getpid(), signal.SIGTERM)  # while the first one's way out runs
+        time.sleep(0.2)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
 @pytest.mark.parametrize("command, stopped_in, said, status", [
     ("generate", "sample_digits", "interrupted; nothing was written", 130),
-    ("evaluate", "importance_weighted_nll", "terminated (SIGTERM); nothing was written", 143),
+    ("evaluate", "importance_weighted_nll", "terminated (SIGTERM); no file is half-written", 143),
     ("explore", "principal_components", "interrupted; no file is half-written", 130),
 ], ids=["ctrl-c generate", "sigterm evaluate", "ctrl-c explore"])
 def test_a_stop_outside_training_says_what_was_written(command, stopped_in, said, status, reference_run, tiny_mnist,
@@ -1425,34 +1673,52 @@ def test_resume_needs_a_run_s_last_pt(last, tiny_mnist, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------- Devices and machines
 
+@pytest.fixture
+def fake_devices(monkeypatch):
+    """fake_devices(cuda=..., mps=...): CUDA and MPS available or not, as far as vae_lstm and torch.load see;
+    the CUDA settings that resolve_device makes are undone afterwards, so this process computes as it did."""
+    settings = {(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+                (torch.backends.cudnn, "deterministic"), (torch.backends.cudnn, "benchmark")}
+    before = {setting: getattr(*setting) for setting in settings}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+
+    def fake(cuda, mps):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    yield fake
+    for (module, flag), value in before.items():
+        setattr(module, flag, value)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.mark.parametrize("cuda, mps, chosen", [(True, False, "cuda"), (False, True, "mps"), (True, True, "cuda"),
+                                               (False, False, "cpu")])
+def test_auto_takes_cuda_or_mps_when_there_is_one(cuda, mps, chosen, fake_devices):
+    fake_devices(cuda=cuda, mps=mps)
+    assert vae_lstm.resolve_device("auto") == torch.device(chosen)
+    assert vae_lstm.parse_args(["generate"]).device == "auto"
+
+
 @pytest.mark.parametrize("kind", ["cuda", "mps"])
-def test_a_device_where_there_is_none(kind, tiny_mnist, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+def test_a_device_where_there_is_none(kind, tiny_mnist, tmp_path, fake_devices, capsys):
+    fake_devices(cuda=False, mps=False)
     assert main(train_args(tiny_mnist, tmp_path, "--device", kind)) == 2
     one_error_line(capsys.readouterr(), f"--device {kind}: no {kind.upper()} device is available here",
                    "--device cpu")
     assert vae_lstm.resolve_device("auto") == torch.device("cpu")
 
 
-def test_cuda_computes_in_float32_and_deterministically(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine, as far as resolve_device sees
+def test_cuda_computes_in_float32_and_deterministically(fake_devices):
+    fake_devices(cuda=True, mps=False)  # a CUDA machine, as far as resolve_device sees
     opposite = {(torch.backends.cuda.matmul, "allow_tf32"): True, (torch.backends.cudnn, "allow_tf32"): True,
                 (torch.backends.cudnn, "deterministic"): False, (torch.backends.cudnn, "benchmark"): True}
-    before = {setting: getattr(*setting) for setting in opposite}
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        for (module, flag), value in opposite.items():
-            setattr(module, flag, value)
-        torch.use_deterministic_algorithms(False)
-        assert vae_lstm.resolve_device("cuda") == torch.device("cuda")
-        assert {setting: getattr(*setting) for setting in opposite} == {
-            setting: not value for setting, value in opposite.items()}
-        assert torch.are_deterministic_algorithms_enabled()
-    finally:  # this process goes on computing as it did
-        for (module, flag), value in before.items():
-            setattr(module, flag, value)
-        torch.use_deterministic_algorithms(deterministic)
+    for (module, flag), value in opposite.items():
+        setattr(module, flag, value)
+    torch.use_deterministic_algorithms(False)
+    assert vae_lstm.resolve_device("cuda") == torch.device("cuda")
+    assert {setting: getattr(*setting) for setting in opposite} == {
+        setting: not value for setting, value in opposite.items()}
+    assert torch.are_deterministic_algorithms_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS's deterministic mode, set before CUDA starts
 
 
@@ -1540,6 +1806,7 @@ def test_the_training_step_never_waits_for_the_gpu():
 
 @pytest.mark.parametrize("argv", [
     ["train", "--epochs", "0"], ["train", "--batch-size", "0"], ["train", "--lr", "-1"], ["train", "--lr", "nan"],
+    ["train", "--lr", "inf"], ["train", "--kl-weight", "inf"], ["train", "--val-fraction", "nan"],
     ["train", "--val-fraction", "1.5"], ["train", "--patience", "two"], ["train", "--seed", "-1"],
     ["train", "--seed", str(2**32)], ["train", "--split-seed", "1.5"], ["train", "--kl-weight", "-0.5"],
     ["generate", "--n", "0"], ["generate", "--nrow", "-2"], ["generate", "--seed", "-1"],

@@ -386,7 +386,7 @@ def train(args):
     out, config = Path(args.out), config_of(args)
     with claim_run_folder(out, args.resume):
         device = resolve_device(args.device)
-        where = machine(device)
+        where, classifier = machine(device), load_classifier(args.classifier)  # before the first epoch, not the last
         torch.manual_seed(config["seed"])
         state = resumable_state(config, out) if args.resume else None
         if state and state["bad_epochs"] >= config["patience"]:
@@ -413,7 +413,7 @@ def train(args):
                        seconds_per_epoch=sum(row["seconds"] for row in history) / len(history),
                        train_images_per_second=len(train_images) * len(history) / train_seconds,
                        parameters=sum(parameter.numel() for parameter in model.parameters()), machine=where,
-                       config=config)
+                       config=config, score=score(model, measured["test"], test_images, classifier))
         write_json(results, out / "results.json")
         plot_losses(history, best, out / "loss_plot.png")
         save_reconstructions(model, measured["train"], out / "train_reconstruction.png")
@@ -422,7 +422,7 @@ def train(args):
         exploration = explore(model, measured["test"], test_labels, out, out / "best_model.pt")
     print(f"\n{stop_reason}; best epoch {best} of {len(history)}; {results['seconds']:.0f}s, "
           f"{results['train_images_per_second']:.0f} training images/s")
-    print(f"per-image losses of the best model (nats):\n{summary_table(results)}")
+    print(f"per-image losses of the best model (nats):\n{summary_table(results)}\n{score_line(results['score'])}")
     print(active_units_line(exploration))
     print(f"written to {out}: best_model.pt, last.pt, history.csv, results.json, loss_plot.png, "
           f"train_reconstruction.png, test_reconstruction.png, generated.png, {', '.join(EXPLORATION_FILES)}")
@@ -516,9 +516,11 @@ def importance_weighted_nll(model, images, n_samples, chunk=None):
 def evaluate_command(args):
     device = resolve_device(args.device)
     model, config = load_model(args.checkpoint, device)
+    classifier = load_classifier(args.classifier)
     json_path = Path(args.json) if args.json else default_out(args.checkpoint) / "evaluation.json"
     check_out_dir(json_path.parent)
-    images = (load_mnist(args.data_dir, train=False) if args.split == "test" else
+    test_images = load_mnist(args.data_dir, train=False)
+    images = (test_images if args.split == "test" else
               load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])[args.split == "val"])
     images = as_measured(images, config).to(device)
     evaluation = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(images),
@@ -535,8 +537,9 @@ def evaluate_command(args):
         line += (f"; -log p(x) ~ {estimate:.2f} nats (importance-weighted, K={args.iw_samples})" if config["binarize"]
                  else f"; importance-weighted bound of the report's objective {estimate:.2f} (K={args.iw_samples}; "
                       f"not -log p(x): grey-level pixels, see README)")
+    evaluation["score"] = score(model, images, test_images, classifier, json_path.with_name("digits_by_confidence.png"))
     write_json(evaluation, json_path)
-    print(f"{line}\nwritten to {json_path}")
+    print(f"{line}\n{score_line(evaluation['score'])}\nwritten to {json_path} and digits_by_confidence.png beside it")
 
 
 # ------------------------------------------- The latent space: interpolation, a map by digit, the dimensions used
@@ -640,9 +643,137 @@ def explore_command(args):
     print(f"written to {out}: {', '.join(EXPLORATION_FILES)}")
 
 
+# ------------------------------------ What the eye sees, measured: a digit classifier's score of the digits drawn
+
+CLASSIFIER = Path(__file__).resolve().parent / "docs" / "classifier.pt"  # the shipped one, made by `classifier`
+CLASSIFIER_SETTINGS = {"epochs": 10, "batch_size": 64, "lr": 1e-3, "lr_decay": 0.7}  # Adam on the training images
+SCORED_DIGITS = 10_000  # decoded from z ~ N(0, I) of EVAL_SEED, as many as the test images they are scored against
+RECOGNISED = 0.9  # a digit is recognised when the classifier gives its top class at least this probability
+
+
+def digit_classifier():
+    """A LeNet-style CNN: two 5x5 convolutions with max-pooling, 128 features (classifier[:-2], which the Fréchet
+    distance compares), dropout, 10 logits."""
+    return nn.Sequential(nn.Unflatten(1, (1, 28)), nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 128), nn.ReLU(),
+                         nn.Dropout(0.5), nn.Linear(128, 10))
+
+
+def train_classifier(images, labels, seed):
+    """CLASSIFIER_SETTINGS' epochs of Adam on the training images and labels, from `seed`, on the CPU."""
+    torch.manual_seed(seed)
+    classifier = digit_classifier()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=CLASSIFIER_SETTINGS["lr"])
+    decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, CLASSIFIER_SETTINGS["lr_decay"])
+    for epoch in range(1, CLASSIFIER_SETTINGS["epochs"] + 1):
+        for index in tqdm(torch.randperm(len(images)).split(CLASSIFIER_SETTINGS["batch_size"]), desc=f"epoch {epoch}",
+                          leave=False, disable=None):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(classifier(images[index]), labels[index]).backward()
+            optimizer.step()
+        decay.step()
+    return classifier.eval()
+
+
+def load_classifier(path):
+    """The classifier that `classifier` wrote to `path`, read with weights_only=True; a bad file is one line."""
+    classifier = digit_classifier()
+    try:
+        classifier.load_state_dict(read_checkpoint(path) if Path(path).is_file() else {})
+    except (UserError, RuntimeError, TypeError, AttributeError) as error:
+        reason = gist(error) if Path(path).is_file() else "no such file"
+        raise UserError(f"no digit classifier at {path} ({reason}); make one with python vae_lstm.py classifier "
+                        f"--out {path}") from None
+    return classifier.eval()
+
+
+@torch.no_grad()
+def classify(classifier, images):
+    """The classifier's 128 features and 10 class probabilities of each image, computed on the CPU."""
+    features = torch.cat([classifier[:-2](x.cpu().reshape(-1, 28, 28)) for x in images.split(EVAL_BATCH_SIZE)])
+    return features, classifier[-1](features).softmax(dim=1)
+
+
+def frechet_distance(a, b):
+    """The Fréchet distance of Gaussians fitted to two sets of features (N, d), in float64 on the host (Heusel et
+    al., 2017): |mean_a - mean_b|^2 + tr(C_a) + tr(C_b) - 2 tr((C_a^1/2 C_b C_a^1/2)^1/2)."""
+    a, b = a.cpu().double(), b.cpu().double()
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors * values.clamp(min=0).sqrt() @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((a.mean(0) - b.mean(0)).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def image_score(features, probabilities, reference_features):
+    """A set of images' Fréchet distance to the reference, share recognised, and how many of each digit it holds."""
+    confidence, digit = probabilities.max(dim=1)
+    return {"frechet": frechet_distance(features, reference_features),
+            "recognised": (confidence >= RECOGNISED).double().mean().item(),
+            "digits": torch.bincount(digit, minlength=10).tolist()}
+
+
+@torch.no_grad()
+def score(model, images, test_images, classifier, figure=None):
+    """The score of SCORED_DIGITS digits of z ~ N(0, I) and of the reconstructions of `images` (evaluate's draws),
+    against the grey test images (for a binarized model too: README); with a path, the digits by confidence."""
+    digits, generator = sample_digits(model, SCORED_DIGITS, EVAL_SEED), torch.Generator().manual_seed(EVAL_SEED)
+    reconstructions = torch.cat([model(x, generator)[0] for x in images.split(EVAL_BATCH_SIZE)])
+    (reference, _), (features, probabilities) = classify(classifier, test_images), classify(classifier, digits)
+    if figure:
+        plot_by_confidence(digits, probabilities, figure)
+    return {"samples": image_score(features, probabilities, reference),
+            "reconstructions": image_score(*classify(classifier, reconstructions), reference)}
+
+
+def score_line(scores):
+    """The score in one line, with the digit drawn least often: a model that neglects one shows it."""
+    return "digit classifier's score: " + "; ".join(
+        f"{what} Fréchet distance {s['frechet']:.2f}, {s['recognised']:.1%} recognised, fewest "
+        f"{min(range(10), key=s['digits'].__getitem__)}s ({min(s['digits'])})"
+        for what, s in (("generated digits", scores["samples"]), ("reconstructions", scores["reconstructions"])))
+
+
+def plot_by_confidence(digits, probabilities, path, n=50):
+    """The n generated digits the classifier is least sure of beside the n it is surest of, each with its top class
+    and probability: what the share recognised counts."""
+    confidence, digit = probabilities.max(dim=1)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 6))
+    order = confidence.argsort()
+    for axis, chosen, which in zip(axes, (order[:n], order.flip(0)[:n]), ("least", "most")):
+        grid = torchvision.utils.make_grid(digits[chosen], nrow=10, padding=2, pad_value=0.5)
+        axis.imshow(grid.permute(1, 2, 0).numpy())
+        for i, index in enumerate(chosen.tolist()):
+            axis.text(30 * (i % 10) + 3, 30 * (i // 10) + 8, f"{digit[index]} {confidence[index]:.2f}", fontsize=6,
+                      color="yellow")
+        axis.set_title(f"the {n} {which} recognisable of {len(digits):,} generated digits", fontsize=10)
+        axis.axis("off")
+    save_figure(figure, path)
+
+
+def classifier_command(args):
+    out = Path(args.out)
+    check_out_dir(out.parent)
+    (train_images, train_labels), (test_images, test_labels) = (load_mnist(args.data_dir, train, labels=True)
+                                                                 for train in (True, False))
+    start = time.perf_counter()
+    classifier = train_classifier(train_images, train_labels, args.seed)
+    reference, probabilities = classify(classifier, test_images)
+    accuracy = (probabilities.argmax(dim=1) == test_labels).double().mean().item()
+    scale = {name: image_score(*classify(classifier, images), reference) for name, images in (
+        ("training images", train_images[:SCORED_DIGITS]),  # the floor: as many as the digits scored
+        ("test images blurred, sigma 1", torchvision.transforms.functional.gaussian_blur(test_images, 7, 1.0)))}
+    save_checkpoint(classifier.state_dict(), out)
+    write_json({"test_accuracy": accuracy, "settings": {**CLASSIFIER_SETTINGS, "seed": args.seed},
+                "reference_scores": scale, "seconds": time.perf_counter() - start,
+                "machine": machine(torch.device("cpu"))}, out.with_suffix(".json"))
+    print(f"test accuracy {accuracy:.2%}; written to {out} and {out.with_suffix('.json')}")
+
+
 # ---------------------------------------- Comparing runs: one row per run, the mean of each variant, their digits
 
-COMPARED = ("test_total", "test_bce", "test_kl", "iw", "active_units", "best_epoch", "seconds_per_epoch")
+COMPARED = ("test_total", "test_bce", "test_kl", "iw", "samples_frechet", "samples_recognised",
+            "reconstructions_frechet", "active_units", "best_epoch", "seconds_per_epoch")
 
 
 def variant_name(config):
@@ -667,6 +798,8 @@ def run_row(folder):
             "iw_samples": evaluation.get("iw_samples"), "iw": evaluation.get("iw_nll", evaluation.get("iw_bound")),
             "iw_is": "-log p(x)" if "iw_nll" in evaluation else "bound" if "iw_bound" in evaluation else None,
             "iw_seconds": evaluation.get("iw_seconds"),
+            **{f"{kind}_{name}": results["score"][kind][name] if "score" in results else None
+               for kind in ("samples", "reconstructions") for name in ("frechet", "recognised")},
             "active_units": read_json(folder / "exploration.json")["active_units"],
             "seconds_per_epoch": results["seconds_per_epoch"],
             **{name: results["machine"].get(name) for name in ("device", "cpu", "threads", "torch", "cuda", "cudnn",
@@ -925,7 +1058,7 @@ def resumable_state(config, out):
 def left_behind(args, argv, go_on="resume with"):
     """What a stopped command leaves on disk, and how to go on."""
     if args.command != "train":
-        return "no file is half-written" if args.command in ("explore", "compare") else "nothing was written"
+        return "nothing was written" if args.command in ("generate", "classifier") else "no file is half-written"
     last = Path(args.out) / "last.pt"
     if not last.is_file():  # without --resume, a best_model.pt here is this run's (claim_run_folder)
         best = last.parent / "best_model.pt"
@@ -1077,6 +1210,12 @@ def parse_args(argv=None):
     explore_parser.add_argument("--out", help="folder for its four files (default: the checkpoint's folder, or "
                                               "runs/published/NAME for a published model)")
 
+    classifier_parser = add("classifier", "train the digit classifier that scores a model's digits (shipped: "
+                                          "docs/classifier.pt)")
+    classifier_parser.add_argument("--seed", type=SEED, default=0, help="torch seed: initial weights, batch order")
+    classifier_parser.add_argument("--out", default="runs/classifier/classifier.pt", help="the classifier to write, "
+                                   "and beside it its JSON: test accuracy, settings, reference scores")
+
     compare_parser = add("compare", "runs side by side: a CSV row each, each variant's mean, their digits")
     compare_parser.add_argument("runs", nargs="+", help="run folders written by train (and evaluate)")
     compare_parser.add_argument("--csv", help="CSV to write, one row per run")
@@ -1085,7 +1224,10 @@ def parse_args(argv=None):
     for command in (generate_parser, evaluate_parser, explore_parser):
         command.add_argument("--checkpoint", default="runs/lstm_vae/best_model.pt",
                              help="model to load (the published ones: docs/runs/NAME/best_model.pt)")
-    for command in (train_parser, evaluate_parser, explore_parser):
+    for command in (train_parser, evaluate_parser):
+        command.add_argument("--classifier", default=os.path.relpath(CLASSIFIER), help="the digit classifier that "
+                             "scores the model's digits (made by the classifier command)")
+    for command in (train_parser, evaluate_parser, explore_parser, classifier_parser):
         command.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (downloaded if absent)")
     for command in (train_parser, generate_parser, evaluate_parser, explore_parser):
         command.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
@@ -1108,7 +1250,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     commands = {"train": train, "generate": generate, "evaluate": evaluate_command, "explore": explore_command,
-                "compare": compare_command}
+                "classifier": classifier_command, "compare": compare_command}
     try:
         commands[args.command](args)
     except WriteError as error:
