@@ -37,6 +37,7 @@ TINY_TRAIN, TINY_TEST = 200, 50  # 180 training images: batches of 64, 64 and a 
 TINY_EPOCHS = 6
 vae_lstm.SCORED_DIGITS = 200  # train and evaluate score 200 digits here, not 10,000; the real-data tests all of them
 PUBLISHED_RUNS = ["binarized-seed0", "design-report-seed0", "design-report-seed1", "design-report-seed2"]
+VARIANT_MODELS = ["design-no-decoder-fc-seed2"]  # shipped for the score of the design study (docs/study.md)
 
 # The report's Figure 1: every parameter's name and shape (175,665 in all).
 REPORT_PARAMETERS = {
@@ -237,6 +238,15 @@ def test_split_is_the_report_legacy_numpy_shuffle():
     assert val_idx == report_order[:6000] and train_idx == report_order[6000:]
     assert len(train_idx) == 54000 and len(val_idx) == 6000
     assert set(train_idx).isdisjoint(val_idx) and set(train_idx) | set(val_idx) == set(range(60000))
+
+
+def test_the_split_seed_and_fraction_choose_the_validation_images(tiny_mnist, tmp_path, monkeypatch):
+    validated, evaluate = [], vae_lstm.evaluate
+    monkeypatch.setattr(vae_lstm, "evaluate", lambda model, images, *args: validated.append(images) or
+                        evaluate(model, images, *args))
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "1", "--split-seed", "1", "--val-fraction", "0.2")) == 0
+    _, val_indices = split_indices(TINY_TRAIN, 0.2, seed=1)
+    assert torch.equal(validated[0], vae_lstm.load_mnist(tiny_mnist, train=True)[val_indices])
 
 
 def test_real_mnist_loads_splits_and_trains_briefly():
@@ -633,6 +643,14 @@ def no_read_back(monkeypatch):
     return monkeypatch
 
 
+def test_each_adam_step_takes_batch_size_images_and_the_last_the_rest(tiny_mnist, tmp_path, monkeypatch):
+    sizes, train_step = [], vae_lstm.train_step
+    monkeypatch.setattr(vae_lstm, "train_step", lambda model, optimizer, x, kl_weight: sizes.append(len(x)) or
+                        train_step(model, optimizer, x, kl_weight))
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "2", "--batch-size", "100")) == 0
+    assert sizes == [100, 80, 100, 80]  # 180 training images an epoch
+
+
 def test_the_training_step_reads_nothing_back_from_the_device(no_read_back):
     torch.manual_seed(0)
     model, x = VAE(), torch.rand(64, 28, 28)
@@ -719,6 +737,7 @@ def test_evaluate_measures_the_split_it_names_as_train_did(split, reference_run,
     for part in ("bce", "kl", "total"):  # the same z, so the numbers that train measured
         assert evaluation[part] == pytest.approx(read_results(out)[split][part], rel=1e-6), part
     assert evaluation["machine"] == vae_lstm.machine(torch.device("cpu"))  # where the numbers come from
+    assert evaluation["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # AVX2 or AVX512
     assert f"{split}: {evaluation['images']} images, per image: BCE {evaluation['bce']:.2f}" in capsys.readouterr().out
 
 
@@ -747,9 +766,19 @@ def test_each_published_model_gives_its_published_test_numbers(run, real_test_im
 
 def test_the_published_models_are_those_of_the_readme():
     shipped = sorted(path.parent.name for path in vae_lstm.PUBLISHED.glob("*/best_model.pt"))
-    assert shipped == PUBLISHED_RUNS
+    assert shipped == sorted(PUBLISHED_RUNS + VARIANT_MODELS)
     assert vae_lstm.PUBLISHED_MODEL.is_file() and str(vae_lstm.PUBLISHED_MODEL.relative_to(HERE)) in (
         HERE / "README.md").read_text()
+
+
+@pytest.mark.parametrize("run", VARIANT_MODELS)
+def test_each_shipped_variant_is_the_model_of_its_results_and_has_a_score(run):
+    folder = vae_lstm.PUBLISHED / run
+    model, config = vae_lstm.load_model(folder / "best_model.pt", "cpu")
+    results = json.loads((folder / "results.json").read_text())
+    assert config == results["config"] and sum(p.numel() for p in model.parameters()) == results["parameters"]
+    assert (folder / "best_model.pt").stat().st_size <= 1.5 * 2**20 and set(results["score"]) == {"samples",
+                                                                                                  "reconstructions"}
 
 
 # ------------------------------- Generation (the report's generator.py, which repeated the config, saved nothing)
@@ -1146,6 +1175,16 @@ def test_explore_command_writes_its_four_files(reference_run, tiny_mnist, tmp_pa
     assert all((out / name).stat().st_size > 0 for name in vae_lstm.EXPLORATION_FILES)
 
 
+def test_the_latent_map_draws_the_digits_shuffled_so_that_none_hides_another(reference_run, tiny_mnist, tmp_path,
+                                                                            drawn):
+    labels = np.arange(TINY_TEST) * 10 // TINY_TEST  # sorted: the 0s first, the 9s last
+    data = altered_copy(tiny_mnist, tmp_path, "t10k-labels-idx1-ubyte", lambda _: idx_bytes(labels))
+    assert main(["explore", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(data),
+                 "--out", str(tmp_path / "explored")]) == 0
+    colours = list(drawn["latent_map.png"].axes[0].collections[0].get_array())
+    assert sorted(colours) == list(labels) and colours != sorted(colours)
+
+
 def test_a_test_set_that_lacks_a_digit_is_not_mnist(reference_run, tiny_mnist, tmp_path, capsys):
     data_dir = altered_copy(tiny_mnist, tmp_path, "t10k-labels-idx1-ubyte",
                             lambda data: idx_bytes(np.arange(TINY_TEST) % 9))  # no 9
@@ -1175,11 +1214,11 @@ def test_the_frechet_distance_of_two_gaussian_samples_is_its_closed_form():
 
 def test_a_digit_is_recognised_from_a_top_probability_of_0_9_and_each_digit_is_counted():
     probabilities = torch.zeros(5, 10)
-    for row, (digit, top) in enumerate([(0, 0.9), (1, 0.89), (9, 0.95), (0, 0.5), (0, 1.0)]):
+    for row, (digit, top) in enumerate([(0, 0.9), (1, 0.89), (7, 0.95), (0, 0.5), (0, 1.0)]):  # no 8 or 9
         probabilities[row, digit], probabilities[row, (digit + 1) % 10] = top, 1 - top
     features = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     scores = vae_lstm.image_score(features, probabilities, features + 2)
-    assert scores["recognised"] == 3 / 5 and scores["digits"] == [3, 1, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert scores["recognised"] == 3 / 5 and scores["digits"] == [3, 1, 0, 0, 0, 0, 0, 1, 0, 0]
     assert scores["frechet"] == pytest.approx(3 * 2**2)  # shifted by 2 in each of 3 features, the same spread
 
 
@@ -1281,7 +1320,6 @@ def test_the_classifier_trains_reproducibly_from_a_seed_on_the_training_images_o
     _, probabilities = vae_lstm.classify(classifier, vae_lstm.load_mnist(tiny_mnist, train=False))
     labels = vae_lstm.load_mnist(tiny_mnist, train=False, labels=True)[1]
     assert record["test_accuracy"] == (probabilities.argmax(1) == labels).double().mean().item()
-    assert vae_lstm.parse_args(["evaluate"]).classifier == "docs/classifier.pt"
 
 
 @pytest.fixture(scope="module")
@@ -1409,6 +1447,10 @@ def test_compare_draws_the_published_models_without_training(tmp_path, capsys, d
     assert "| report | 3 |" in table and "| --binarize | 1 |" in table
     panels = [axes for axes in drawn["digits.png"].axes if axes.images]
     assert [axes.get_title() for axes in panels] == ["--binarize", "report"]
+    model, _ = vae_lstm.load_model(vae_lstm.PUBLISHED_MODEL, "cpu")  # the report's first run, as generate draws it
+    expected = torchvision.utils.make_grid(vae_lstm.sample_digits(model, 100, seed=0), nrow=10, padding=2,
+                                           pad_value=0.5)
+    np.testing.assert_allclose(panels[1].images[0].get_array(), expected.permute(1, 2, 0).numpy())
     for axes in panels:  # 100 digits, 10 to a row, each one drawn
         assert_every_cell_is_drawn(grid_cells(axes.images[0].get_array()[..., 0] * 255, 10, 10))
 
@@ -1709,7 +1751,6 @@ def fake_devices(monkeypatch):
 def test_auto_takes_cuda_or_mps_when_there_is_one(cuda, mps, chosen, fake_devices):
     fake_devices(cuda=cuda, mps=mps)
     assert vae_lstm.resolve_device("auto") == torch.device(chosen)
-    assert vae_lstm.parse_args(["generate"]).device == "auto"
 
 
 @pytest.mark.parametrize("kind", ["cuda", "mps"])
@@ -1830,6 +1871,26 @@ def test_out_of_range_numbers_are_usage_errors(argv, capsys):
         main(argv)
     assert stopped.value.code == 2
     one_error_line(capsys.readouterr(), "error", argv[1], argv[2], "--help")
+
+
+def test_help_shows_each_default_but_for_switches(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--help"])
+    assert stopped.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "at most this many epochs (default: 50)" in text and "(default: runs/lstm_vae)" in text
+    assert not re.search(r"\(default: (True|False|None)\)", text)
+
+
+def test_the_defaults_are_those_of_the_readme():
+    train, generate, evaluate_args, explore = (vae_lstm.parse_args([command]) for command in
+                                               ("train", "generate", "evaluate", "explore"))
+    assert (train.out, train.data_dir, train.device, train.classifier) == ("runs/lstm_vae", "data", "auto",
+                                                                           "docs/classifier.pt")
+    assert {args.checkpoint for args in (generate, evaluate_args, explore)} == {"runs/lstm_vae/best_model.pt"}
+    assert (generate.n, generate.nrow, generate.seed, evaluate_args.split, evaluate_args.iw_samples) == (100, 10, 0,
+                                                                                                       "test", 0)
+    assert vae_lstm.config_of(train) == CONFIG
 
 
 @pytest.mark.parametrize("flags, words", [

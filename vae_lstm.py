@@ -738,7 +738,7 @@ def plot_by_confidence(digits, probabilities, path, n=50):
     """The n generated digits the classifier is least sure of beside the n it is surest of, each with its top class
     and probability: what the share recognised counts."""
     confidence, digit = probabilities.max(dim=1)
-    figure, axes = plt.subplots(1, 2, figsize=(11, 6))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.3))
     order = confidence.argsort()
     for axis, chosen, which in zip(axes, (order[:n], order.flip(0)[:n]), ("least", "most")):
         grid = torchvision.utils.make_grid(digits[chosen], nrow=10, padding=2, pad_value=0.5)
@@ -1091,7 +1091,8 @@ def machine(device):
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")] if cpuinfo.is_file() else []
     cpu = names[0] if names else platform.processor() or platform.machine()
-    where = {"device": cpu, "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    where = {"device": cpu, "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512
+             "torch": torch.__version__, "threads": torch.get_num_threads()}
     if device.type == "cuda":
         where.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                      cudnn=torch.backends.cudnn.version(), precision=CUDA_PRECISION)
