@@ -37,7 +37,7 @@ TINY_TRAIN, TINY_TEST = 200, 50  # 180 training images: batches of 64, 64 and a 
 TINY_EPOCHS = 6
 vae_lstm.SCORED_DIGITS = 200  # train and evaluate score 200 digits here, not 10,000; the real-data tests all of them
 PUBLISHED_RUNS = ["binarized-seed0", "design-report-seed0", "design-report-seed1", "design-report-seed2"]
-VARIANT_MODELS = ["design-no-decoder-fc-seed2"]  # shipped for the score of the design study (docs/study.md)
+VARIANT_MODELS = ["design-hidden-size-128-seed0", "design-no-decoder-fc-seed2"]  # shipped for the score of the design study (docs/study.md)
 
 # The report's Figure 1: every parameter's name and shape (175,665 in all).
 REPORT_PARAMETERS = {
@@ -725,6 +725,16 @@ def test_the_reconstructions_are_the_first_test_images_above_their_decodings(ref
     with torch.no_grad():
         recon = model.eval()(images, torch.Generator().manual_seed(vae_lstm.EVAL_SEED))[0]
     np.testing.assert_allclose(cells[1], recon.squeeze(1).numpy() * 255, atol=1)
+
+
+def test_validation_and_test_run_in_eval_mode_under_no_grad_and_change_no_weight(monkeypatch):
+    model, seen = VAE().train(), []
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    monkeypatch.setattr(vae_lstm, "vae_loss", lambda *args: seen.append((torch.is_grad_enabled(), model.training))
+                        or vae_loss(*args))
+    evaluate(model, torch.rand(30, 28, 28))
+    assert seen and set(seen) == {(False, False)}
+    assert all(torch.equal(weights[name], tensor) for name, tensor in model.state_dict().items())
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])

@@ -652,8 +652,7 @@ RECOGNISED = 0.9  # a digit is recognised when the classifier gives its top clas
 
 
 def digit_classifier():
-    """A LeNet-style CNN: two 5x5 convolutions with max-pooling, 128 features (classifier[:-2], which the Fréchet
-    distance compares), dropout, 10 logits."""
+    """A LeNet-style CNN; the 128 features before its dropout (classifier[:-2]) are what the Fréchet distance sees."""
     return nn.Sequential(nn.Unflatten(1, (1, 28)), nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 128), nn.ReLU(),
                          nn.Dropout(0.5), nn.Linear(128, 10))
@@ -735,8 +734,7 @@ def score_line(scores):
 
 
 def plot_by_confidence(digits, probabilities, path, n=50):
-    """The n generated digits the classifier is least sure of beside the n it is surest of, each with its top class
-    and probability: what the share recognised counts."""
+    """The n digits the classifier is least sure of beside the n it is surest of, with top class and probability."""
     confidence, digit = probabilities.max(dim=1)
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.3))
     order = confidence.argsort()
