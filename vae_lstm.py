@@ -1,7 +1,7 @@
 """A Variational Auto-Encoder on MNIST with a bidirectional-LSTM encoder and a transposed-convolution decoder:
 a faithful reproduction of a course report's experiment, with the bugs of its code fixed (README.md).
 
-    python vae_lstm.py train | generate --n 100 | evaluate | explore | compare runs/*
+    python vae_lstm.py train | generate --n 100 | evaluate | explore | compare runs/* | classifier
 
 In three parts: the report's experiment, in its order; what goes beyond it; running it safely.
 """
