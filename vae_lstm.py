@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 from tqdm import tqdm
@@ -364,19 +365,21 @@ def summary_table(results):
 # ------------------------------- Generation (the report's generator.py, which repeated the config, saved nothing)
 
 @torch.no_grad()
-def sample_digits(model, n, seed):
-    """Decode n draws of z ~ N(0, I), drawn from `seed` on the CPU: (n, 1, 28, 28) on the CPU."""
+def sample_digits(model, n, seed, prior=None):
+    """Decode n draws of z ~ N(0, I), or of a fitted prior (Part 2), from `seed` on the CPU: (n, 1, 28, 28)."""
     model.eval()
-    z = cpu_normal((n, model.latent_dim), torch.Generator().manual_seed(seed), next(model.parameters()).device)
-    return model.decode(z).cpu()
+    generator, device = torch.Generator().manual_seed(seed), next(model.parameters()).device
+    z = cpu_normal((n, model.latent_dim), generator, device) if prior is None else draw_codes(prior, n, generator)
+    return model.decode(z.to(device)).cpu()
 
 
 def generate(args):
-    model, _ = load_model(args.checkpoint, resolve_device(args.device))
+    model, config = load_model(args.checkpoint, resolve_device(args.device))
     out = Path(args.out) if args.out else default_out(args.checkpoint) / "generated.png"
     picture_format(out)
     check_out_dir(out.parent)
-    save_grid(sample_digits(model, args.n, args.seed), out, args.nrow)
+    prior = chosen_prior(args, model, config)
+    save_grid(sample_digits(model, args.n, args.seed, prior), out, args.nrow)
     print(f"{args.n} generated digits written to {out}")
 
 
@@ -413,7 +416,9 @@ def train(args):
                        seconds_per_epoch=sum(row["seconds"] for row in history) / len(history),
                        train_images_per_second=len(train_images) * len(history) / train_seconds,
                        parameters=sum(parameter.numel() for parameter in model.parameters()), machine=where,
-                       config=config, score=score(model, measured["test"], test_images, classifier))
+                       config=config)
+        prior, results["mixture_fit"] = fit_prior(model, measured["train"], measured["val"], MIXTURE_COMPONENTS)
+        results["score"] = score(model, measured["test"], test_images, classifier, prior)
         write_json(results, out / "results.json")
         plot_losses(history, best, out / "loss_plot.png")
         save_reconstructions(model, measured["train"], out / "train_reconstruction.png")
@@ -520,9 +525,10 @@ def evaluate_command(args):
     json_path = Path(args.json) if args.json else default_out(args.checkpoint) / "evaluation.json"
     check_out_dir(json_path.parent)
     test_images = load_mnist(args.data_dir, train=False)
-    images = (test_images if args.split == "test" else
-              load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])[args.split == "val"])
-    images = as_measured(images, config).to(device)
+    train_images, val_images = load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])
+    splits = {split: as_measured(images, config).to(device) for split, images in
+              (("train", train_images), ("val", val_images), ("test", test_images))}
+    images = splits[args.split]
     evaluation = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(images),
                   "binarize": config["binarize"], **evaluate(model, images, config["kl_weight"]),
                   "machine": machine(device)}
@@ -537,7 +543,9 @@ def evaluate_command(args):
         line += (f"; -log p(x) ~ {estimate:.2f} nats (importance-weighted, K={args.iw_samples})" if config["binarize"]
                  else f"; importance-weighted bound of the report's objective {estimate:.2f} (K={args.iw_samples}; "
                       f"not -log p(x): grey-level pixels, see README)")
-    evaluation["score"] = score(model, images, test_images, classifier, json_path.with_name("digits_by_confidence.png"))
+    prior, evaluation["mixture_fit"] = fit_prior(model, splits["train"], splits["val"], args.components)
+    evaluation["score"] = score(model, images, test_images, classifier, prior,
+                                json_path.with_name("digits_by_confidence.png"))
     write_json(evaluation, json_path)
     print(f"{line}\n{score_line(evaluation['score'])}\nwritten to {json_path} and digits_by_confidence.png beside it")
 
@@ -643,6 +651,76 @@ def explore_command(args):
     print(f"written to {out}: {', '.join(EXPLORATION_FILES)}")
 
 
+# ---------------------- A prior fitted to the codes (generate --prior mixture; Ghosh et al., 2020, "ex-post density")
+
+MIXTURE_COMPONENTS = 10  # K Gaussians of full covariance, as pythae's GaussianMixtureSampler
+MIXTURE_SEED = 0  # the fit starts from k-means of K codes drawn from this seed: one checkpoint, one mixture
+KMEANS_STEPS = 20  # Lloyd's steps before EM, which sklearn's GaussianMixture (pythae's) starts from too
+MIXTURE_TOLERANCE = 0.01  # EM stops when an iteration adds less to the mean log-likelihood of a code (nats) ...
+MIXTURE_ITERATIONS = 100  # ... or after this many, sklearn's cap
+MIXTURE_RIDGE = 1e-6  # added to each covariance's diagonal, sklearn's reg_covar: a collapsed component stays invertible
+
+
+def mixture_of(codes, responsibilities):
+    """EM's M step: the mixture of full-covariance Gaussians into which `responsibilities` (N, K) weigh `codes`."""
+    counts = responsibilities.sum(0) + 1e-12  # a component that lost every code keeps weight 0 and finite numbers
+    means = responsibilities.T @ codes / counts.unsqueeze(1)
+    second_moments = torch.stack([(codes * weights.unsqueeze(1)).T @ codes for weights in responsibilities.T])
+    covariances = second_moments / counts.view(-1, 1, 1) - means.unsqueeze(2) * means.unsqueeze(1)
+    covariances += MIXTURE_RIDGE * torch.eye(codes.shape[1], dtype=codes.dtype)
+    return MixtureSameFamily(Categorical(probs=counts / len(codes)), MultivariateNormal(means, covariances))
+
+
+def fit_mixture(codes, components, seed=MIXTURE_SEED):
+    """A Gaussian mixture fitted by EM to `codes` (N, d) in float64 on the CPU, from k-means of `components` codes
+    drawn from `seed`; and the mean log-likelihood of a code at each iteration, which EM never lowers."""
+    codes = codes.cpu().double()
+    if components > len(codes):
+        raise UserError(f"--components {components} is more than the {len(codes)} codes of the training split")
+    centres = codes[torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:components]]
+    for _ in range(KMEANS_STEPS):
+        nearest = F.one_hot(torch.cdist(codes, centres).argmin(1), components).double()
+        centres = nearest.T @ codes / nearest.sum(0).clamp(min=1).unsqueeze(1)
+    mixture, log_likelihoods = mixture_of(codes, nearest), []
+    while True:  # E step: each component's log-density of each code, weighted, from torch.distributions
+        joint = mixture.component_distribution.log_prob(codes.unsqueeze(1)) + mixture.mixture_distribution.logits
+        log_likelihoods.append(joint.logsumexp(1).mean().item())
+        if len(log_likelihoods) == MIXTURE_ITERATIONS or (
+                len(log_likelihoods) > 1 and log_likelihoods[-1] - log_likelihoods[-2] < MIXTURE_TOLERANCE):
+            return mixture, log_likelihoods
+        mixture = mixture_of(codes, joint.softmax(1))
+
+
+def draw_codes(mixture, n, generator):
+    """n codes of a fitted mixture from a seeded CPU generator (MixtureSameFamily.sample takes none): (n, d)."""
+    chosen = torch.multinomial(mixture.mixture_distribution.probs, n, replacement=True, generator=generator)
+    gaussians = mixture.component_distribution
+    eps = cpu_normal((n, gaussians.event_shape[0], 1), generator, "cpu").double()
+    return (gaussians.loc[chosen] + (gaussians.scale_tril[chosen] @ eps).squeeze(2)).float()
+
+
+def fit_prior(model, train_images, val_images, components):
+    """The mixture fitted to the mean codes of the training images, and the record of its fit: the mean
+    log-likelihood of a training and of a held-out validation code, iterations, seconds (encoding included)."""
+    start = time.perf_counter()
+    mixture, log_likelihoods = fit_mixture(encode_split(model, train_images)[0], components)
+    held_out = mixture.log_prob(encode_split(model, val_images)[0].cpu().double()).mean().item()
+    return mixture, {"components": components, "train_log_likelihood": log_likelihoods[-1], "val_log_likelihood":
+                     held_out, "iterations": len(log_likelihoods), "seconds": time.perf_counter() - start}
+
+
+def chosen_prior(args, model, config):
+    """generate's --prior: None for the report's N(0, I), else the mixture fitted to the checkpoint's training split."""
+    if args.prior == "normal":
+        return None
+    splits = [as_measured(images, config).to(next(model.parameters()).device)
+              for images in load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])]
+    mixture, fit = fit_prior(model, *splits, args.components)
+    print(f"z from a {args.components}-component mixture fitted to {len(splits[0])} training codes in "
+          f"{fit['seconds']:.1f} s ({fit['iterations']} EM iterations)")
+    return mixture
+
+
 # ------------------------------------ What the eye sees, measured: a digit classifier's score of the digits drawn
 
 CLASSIFIER = Path(__file__).resolve().parent / "docs" / "classifier.pt"  # the shipped one, made by `classifier`
@@ -713,15 +791,18 @@ def image_score(features, probabilities, reference_features):
 
 
 @torch.no_grad()
-def score(model, images, test_images, classifier, figure=None):
-    """The score of SCORED_DIGITS digits of z ~ N(0, I) and of the reconstructions of `images` (evaluate's draws),
-    against the grey test images (for a binarized model too: README); with a path, the digits by confidence."""
+def score(model, images, test_images, classifier, prior, figure=None):
+    """The score of SCORED_DIGITS digits of z ~ N(0, I), as many of the fitted `prior`, and of the reconstructions
+    of `images` (evaluate's draws), against the grey test images (for a binarized model too: README); with a path,
+    the digits of N(0, I) by confidence."""
     digits, generator = sample_digits(model, SCORED_DIGITS, EVAL_SEED), torch.Generator().manual_seed(EVAL_SEED)
     reconstructions = torch.cat([model(x, generator)[0] for x in images.split(EVAL_BATCH_SIZE)])
     (reference, _), (features, probabilities) = classify(classifier, test_images), classify(classifier, digits)
     if figure:
         plot_by_confidence(digits, probabilities, figure)
     return {"samples": image_score(features, probabilities, reference),
+            "mixture": image_score(*classify(classifier, sample_digits(model, SCORED_DIGITS, EVAL_SEED, prior)),
+                                   reference),
             "reconstructions": image_score(*classify(classifier, reconstructions), reference)}
 
 
@@ -730,7 +811,8 @@ def score_line(scores):
     return "digit classifier's score: " + "; ".join(
         f"{what} Fréchet distance {s['frechet']:.2f}, {s['recognised']:.1%} recognised, fewest "
         f"{min(range(10), key=s['digits'].__getitem__)}s ({min(s['digits'])})"
-        for what, s in (("generated digits", scores["samples"]), ("reconstructions", scores["reconstructions"])))
+        for what, s in (("digits of N(0, I)", scores["samples"]), ("of the mixture", scores["mixture"]),
+                        ("reconstructions", scores["reconstructions"])))
 
 
 def plot_by_confidence(digits, probabilities, path, n=50):
@@ -770,8 +852,8 @@ def classifier_command(args):
 
 # ---------------------------------------- Comparing runs: one row per run, the mean of each variant, their digits
 
-COMPARED = ("test_total", "test_bce", "test_kl", "iw", "samples_frechet", "samples_recognised",
-            "reconstructions_frechet", "active_units", "best_epoch", "seconds_per_epoch")
+COMPARED = ("test_total", "test_bce", "test_kl", "iw", "samples_frechet", "samples_recognised", "mixture_frechet",
+            "mixture_recognised", "reconstructions_frechet", "active_units", "best_epoch", "seconds_per_epoch")
 
 
 def variant_name(config):
@@ -796,8 +878,8 @@ def run_row(folder):
             "iw_samples": evaluation.get("iw_samples"), "iw": evaluation.get("iw_nll", evaluation.get("iw_bound")),
             "iw_is": "-log p(x)" if "iw_nll" in evaluation else "bound" if "iw_bound" in evaluation else None,
             "iw_seconds": evaluation.get("iw_seconds"),
-            **{f"{kind}_{name}": results["score"][kind][name] if "score" in results else None
-               for kind in ("samples", "reconstructions") for name in ("frechet", "recognised")},
+            **{f"{kind}_{name}": results.get("score", {}).get(kind, {}).get(name)
+               for kind in ("samples", "mixture", "reconstructions") for name in ("frechet", "recognised")},
             "active_units": read_json(folder / "exploration.json")["active_units"],
             "seconds_per_epoch": results["seconds_per_epoch"],
             **{name: results["machine"].get(name) for name in ("device", "cpu", "threads", "torch", "cuda", "cudnn",
@@ -1194,6 +1276,8 @@ def parse_args(argv=None):
     generate_parser.add_argument("--n", type=POSITIVE_INT, default=100, help="number of digits")
     generate_parser.add_argument("--nrow", type=POSITIVE_INT, default=10, help="digits per row of the grid")
     generate_parser.add_argument("--seed", type=SEED, default=0, help="seed of the z draws")
+    generate_parser.add_argument("--prior", choices=["normal", "mixture"], default="normal", help="z from the "
+                                 "report's N(0, I), or from a Gaussian mixture fitted to the training split's codes")
     generate_parser.add_argument("--out", help="picture to write, in the format its suffix names (.png, .jpg, ...; "
                                                "default: generated.png beside the checkpoint, or in "
                                                "runs/published/NAME for a published model)")
@@ -1226,7 +1310,10 @@ def parse_args(argv=None):
     for command in (train_parser, evaluate_parser):
         command.add_argument("--classifier", default=os.path.relpath(CLASSIFIER), help="the digit classifier that "
                              "scores the model's digits (made by the classifier command)")
-    for command in (train_parser, evaluate_parser, explore_parser, classifier_parser):
+    for command in (generate_parser, evaluate_parser):
+        command.add_argument("--components", type=POSITIVE_INT, default=MIXTURE_COMPONENTS,
+                             help="Gaussians of the mixture fitted to the codes (generate --prior mixture)")
+    for command in (train_parser, generate_parser, evaluate_parser, explore_parser, classifier_parser):
         command.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (downloaded if absent)")
     for command in (train_parser, generate_parser, evaluate_parser, explore_parser):
         command.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
