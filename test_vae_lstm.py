@@ -812,13 +812,14 @@ def test_generate_draws_n_digits_nrow_to_a_row(n, nrow, rows, columns, reference
 
 def test_what_the_user_reads_is_drawn_from_seeded_cpu_generators(tiny_mnist, tmp_path):
     model, images = VAE().eval(), vae_lstm.load_mnist(tiny_mnist, train=False)
+    codes = torch.randn(20, 64)
     with OpRecorder() as recorder:
         digits = vae_lstm.sample_digits(model, 5, seed=3)
         evaluated = evaluate(model, images)
         vae_lstm.importance_weighted_nll(model, images[:3], 10)
         vae_lstm.save_reconstructions(model, images, tmp_path / "reconstructions.png")
         vae_lstm.binarize_once(images)
-        prior = vae_lstm.fit_mixture(torch.randn(20, 64), 2)[0]  # its start, its components, its codes
+        prior = vae_lstm.fit_mixture(codes, 2)[0]  # its start, then its components and its codes
         vae_lstm.sample_digits(model, 5, seed=3, prior=prior)
     assert len(recorder.draws) == 8  # digits, evaluate's z, the eps of the estimate, reconstructions, binarization
     for draw, generator in recorder.draws:
