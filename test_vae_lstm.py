@@ -195,6 +195,23 @@ def drawn(monkeypatch):
     return figures
 
 
+PLOTS = ("plot_losses", "plot_latent_map", "plot_latent_usage", "plot_by_confidence", "plot_variant_samples")
+
+
+@pytest.fixture(autouse=True)
+def figures_only_where_looked_at(request, monkeypatch):
+    """The plots are drawn (0.1 to 0.4 s each) only where a test looks at them, through `drawn` or `figures`, and in
+    the runs of the fixtures above, which are made first; elsewhere each plot function draws and writes nothing."""
+    if not {"drawn", "figures"} & set(request.fixturenames):
+        for name in PLOTS:
+            monkeypatch.setattr(vae_lstm, name, lambda *args, **kwargs: None)
+
+
+@pytest.fixture
+def figures():
+    """The plots drawn and written, for a test that reads their files."""
+
+
 def scripted_training(monkeypatch, val_totals):
     """train_epoch and evaluate replaced: each epoch leaves its number in a weight, and validation gives the next
     of `val_totals`. Returns the epochs whose weights were evaluated, in order."""
@@ -254,10 +271,15 @@ def test_the_split_seed_and_fraction_choose_the_validation_images(tiny_mnist, tm
     assert torch.equal(validated[0], vae_lstm.load_mnist(tiny_mnist, train=True)[val_indices])
 
 
-def test_real_mnist_loads_splits_and_trains_briefly():
-    root = real_mnist()
+@pytest.fixture(scope="session")
+def real_training_images():
+    """MNIST's 60,000 training images, read once for the tests that need them."""
+    return vae_lstm.load_mnist(real_mnist(), train=True)
+
+
+def test_real_mnist_loads_splits_and_trains_briefly(real_training_images):
+    root, full = real_mnist(), real_training_images
     train_images, val_images = vae_lstm.load_train_val(root, 0.1, 3136)
-    full = vae_lstm.load_mnist(root, train=True)
     assert train_images.shape == (54000, 28, 28) and val_images.shape == (6000, 28, 28)
     torch.testing.assert_close(val_images, full[split_indices()[1]])
     assert full.min() == 0 and full.max() == 1 and full.dtype == torch.float32
@@ -743,6 +765,19 @@ def test_validation_and_test_run_in_eval_mode_under_no_grad_and_change_no_weight
     assert all(torch.equal(weights[name], tensor) for name, tensor in model.state_dict().items())
 
 
+def test_evaluation_and_the_score_take_eval_batch_size_images_at_a_time(monkeypatch):
+    monkeypatch.setattr(vae_lstm, "EVAL_BATCH_SIZE", 7)
+    model, images, classifier = VAE().eval(), torch.rand(20, 28, 28), vae_lstm.digit_classifier().eval()
+    sizes = {"encode": [], "decode": [], "classify": []}
+    for name in ("encode", "decode"):
+        monkeypatch.setattr(model, name, lambda x, run=getattr(model, name), name=name: sizes[name].append(len(x))
+                            or run(x))
+    classifier[1].register_forward_pre_hook(lambda layer, inputs: sizes["classify"].append(len(inputs[0])))
+    evaluate(model, images)
+    vae_lstm.classify(classifier, images)
+    assert sizes == {"encode": [7, 7, 6], "decode": [7, 7, 6], "classify": [7, 7, 6]}
+
+
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_evaluate_measures_the_split_it_names_as_train_did(split, reference_run, tiny_mnist, tmp_path, capsys):
     out = reference_run[0]
@@ -793,8 +828,9 @@ def test_each_shipped_variant_is_the_model_of_its_results_and_has_a_score(run):
     model, config = vae_lstm.load_model(folder / "best_model.pt", "cpu")
     results = json.loads((folder / "results.json").read_text())
     assert config == results["config"] and sum(p.numel() for p in model.parameters()) == results["parameters"]
-    assert (folder / "best_model.pt").stat().st_size <= 1.5 * 2**20 and set(results["score"]) == {"samples",
-                                                                                                  "reconstructions"}
+    assert (folder / "best_model.pt").stat().st_size <= 1.5 * 2**20 and set(results["score"]) == {
+        "samples", "mixture", "reconstructions"}
+    assert results["mixture_fit"]["components"] == vae_lstm.MIXTURE_COMPONENTS
 
 
 # ------------------------------- Generation (the report's generator.py, which repeated the config, saved nothing)
@@ -933,7 +969,7 @@ def test_the_kl_weight_weighs_the_kl_in_training_validation_test_and_evaluate(ti
 
 
 # ==============================================================================================================
-# Part 2. Beyond the report: binarized MNIST and the likelihood, the latent space, comparing runs
+# Part 2. Beyond the report: binarized MNIST, the likelihood, the latent space and its prior, the score, comparing runs
 # ==============================================================================================================
 
 # --------------------------------------------------------- Binarized MNIST (Burda et al., 2016; train --binarize)
@@ -1069,12 +1105,27 @@ def test_fast_importance_weighted_estimate_equals_the_straightforward_computatio
     assert model.decoder_list[1].weight.is_contiguous()  # the caller's model keeps its layout
 
 
+@pytest.mark.parametrize("images, samples, chunk, decoded", [(6, 37, 50, [50, 50, 50, 50, 22]),
+                                                              (20, 30, None, [500, 100])], ids=["given", "cpu"])
+def test_the_codes_of_the_estimate_are_decoded_a_chunk_at_a_time(images, samples, chunk, decoded, monkeypatch):
+    sizes, fast_decoder = [], vae_lstm.fast_decoder
+    monkeypatch.setattr(vae_lstm, "fast_decoder", lambda model: (lambda z, decode=fast_decoder(model): sizes.append(
+        len(z)) or decode(z)))
+    vae_lstm.importance_weighted_nll(VAE().eval(), torch.rand(images, 28, 28), samples, chunk)
+    assert sizes == decoded  # on a CPU, IW_CHUNK["cpu"] = 500 codes at a time
+    assert vae_lstm.IW_CHUNK["cpu"] == 500
+
+
 def test_the_estimate_over_several_batches_of_images_is_that_of_one_batch(monkeypatch):
     torch.manual_seed(0)
     model, x = VAE().eval(), torch.rand(12, 28, 28)
     one_batch = vae_lstm.importance_weighted_nll(model, x, 10)
     monkeypatch.setattr(vae_lstm, "IW_CODES", 50)  # batches of 5, 5 and 2 images, from one stream of draws
+    batches, log_importance_weights = [], vae_lstm.log_importance_weights
+    monkeypatch.setattr(vae_lstm, "log_importance_weights", lambda model, images, *args: batches.append(images) or
+                        log_importance_weights(model, images, *args))
     torch.testing.assert_close(vae_lstm.importance_weighted_nll(model, x, 10), one_batch, rtol=1e-6, atol=1e-4)
+    assert [len(images) for images in batches] == [5, 5, 2] and torch.equal(torch.cat(batches), x)  # in memory: 50
 
 
 @pytest.mark.parametrize("config", [CONFIG, variant(latent_dim=16, decoder_fc=False),
@@ -1299,8 +1350,9 @@ def test_generate_draws_from_the_mixture_fitted_to_the_checkpoint_s_training_spl
     argv = ["generate", "--checkpoint", str(checkpoint), "--prior", "mixture", "--components", "3", "--data-dir",
             str(tiny_mnist), "--n", "20", "--seed", "4", "--out", str(path)]
     assert main(argv) == 0
-    assert re.fullmatch(r"z from a 3-component mixture fitted to 180 training codes in \d+\.\d s \(\d+ EM iterations\)\n"
-                        rf"20 generated digits written to {re.escape(str(path))}\n", capsys.readouterr().out)
+    assert re.fullmatch(r"z from a 3-component mixture fitted to 180 training codes in \d+\.\d s "
+                        rf"\(\d+ EM iterations\)\n20 generated digits written to {re.escape(str(path))}\n",
+                        capsys.readouterr().out)
     model, _ = vae_lstm.load_model(checkpoint, "cpu")
     train_images = vae_lstm.load_train_val(tiny_mnist, 0.1, 3136)[0]  # the split of the checkpoint's config
     assert torch.equal(fitted[0], vae_lstm.encode_split(model, train_images)[0])
@@ -1326,9 +1378,10 @@ def test_the_default_prior_draws_the_report_s_digits_unchanged(tmp_path):
 
 @pytest.mark.parametrize("extra, words", [
     (["--components", "181"], ["--components 181 is more than the 180 codes of the training split"]),
-    (["--data-dir", "no MNIST here"], ["cannot read MNIST from no MNIST here"]),
+    (["--data-dir", "{tmp_path}/no MNIST here"], ["cannot read MNIST from {tmp_path}/no MNIST here"]),
 ], ids=["more components than codes", "no MNIST"])  # --components 0: with the numbers out of range, Part 3
 def test_a_mixture_that_cannot_be_fitted_is_one_line(extra, words, reference_run, tiny_mnist, tmp_path, capsys):
+    extra, words = ([text.format(tmp_path=tmp_path) for text in texts] for texts in (extra, words))
     argv = ["generate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--prior", "mixture", "--data-dir",
             str(tiny_mnist), "--out", str(tmp_path / "g.png"), *extra]
     assert main(argv) == 2
@@ -1408,7 +1461,7 @@ def test_the_score_is_of_digits_from_the_prior_and_of_evaluate_s_reconstructions
     assert sum(scores["reconstructions"]["digits"]) == TINY_TEST
 
 
-def test_train_and_evaluate_give_one_score_of_one_model(reference_run, tiny_mnist, tmp_path, capsys):
+def test_train_and_evaluate_give_one_score_of_one_model(reference_run, tiny_mnist, tmp_path, capsys, figures):
     out, stdout = reference_run
     results = read_results(out)
     assert main(["evaluate", "--checkpoint", str(out / "best_model.pt"), "--data-dir", str(tiny_mnist), "--json",
@@ -1479,11 +1532,16 @@ def test_the_classifier_trains_reproducibly_from_a_seed_on_the_training_images_o
     assert not torch.equal(trained(tiny_mnist, "seed 1", "--seed", "1")[0]["1.weight"], first["1.weight"])
     assert record["settings"] == {**vae_lstm.CLASSIFIER_SETTINGS, "seed": 0}
     assert f"test accuracy {record['test_accuracy']:.2%}" in capsys.readouterr().out
-    assert set(record["reference_scores"]) == {"training images", "test images blurred, sigma 1"}
     classifier = vae_lstm.load_classifier(tmp_path / "first" / "c.pt")
-    _, probabilities = vae_lstm.classify(classifier, vae_lstm.load_mnist(tiny_mnist, train=False))
-    labels = vae_lstm.load_mnist(tiny_mnist, train=False, labels=True)[1]
+    (train_images, _), (test_images, labels) = (vae_lstm.load_mnist(tiny_mnist, train, labels=True)
+                                                for train in (True, False))
+    reference, probabilities = vae_lstm.classify(classifier, test_images)
     assert record["test_accuracy"] == (probabilities.argmax(1) == labels).double().mean().item()
+    blurred = torchvision.transforms.functional.gaussian_blur(test_images, 7, 1.0)  # sigma 1: 3 sigma each side
+    assert record["reference_scores"] == {  # the two rows of the README, the floor from as many training images
+        "training images": vae_lstm.image_score(*vae_lstm.classify(classifier, train_images[:vae_lstm.SCORED_DIGITS]),
+                                                reference),
+        "test images blurred, sigma 1": vae_lstm.image_score(*vae_lstm.classify(classifier, blurred), reference)}
 
 
 @pytest.fixture(scope="module")
@@ -1491,17 +1549,23 @@ def shipped_classifier():
     return vae_lstm.load_classifier(vae_lstm.CLASSIFIER)
 
 
-def test_the_shipped_classifier_recognises_99_percent_of_the_test_images(shipped_classifier):
-    images, labels = vae_lstm.load_mnist(real_mnist(), train=False, labels=True)
-    accuracy = (vae_lstm.classify(shipped_classifier, images)[1].argmax(1) == labels).double().mean().item()
+@pytest.fixture(scope="module")
+def shipped_test_features(shipped_classifier, real_test_images):
+    """The shipped classifier's features and class probabilities of MNIST's 10,000 test images."""
+    return vae_lstm.classify(shipped_classifier, real_test_images)
+
+
+def test_the_shipped_classifier_recognises_99_percent_of_the_test_images(shipped_test_features):
+    labels = vae_lstm.load_mnist(real_mnist(), train=False, labels=True)[1]
+    accuracy = (shipped_test_features[1].argmax(1) == labels).double().mean().item()
     record = json.loads(vae_lstm.CLASSIFIER.with_suffix(".json").read_text())
     assert accuracy >= 0.99 and accuracy == pytest.approx(record["test_accuracy"], abs=2e-4)  # an image or two
     assert vae_lstm.CLASSIFIER.stat().st_size <= 2**20
 
 
-def test_the_score_grows_with_blur_and_noise_and_the_training_images_score_lowest(shipped_classifier):
-    test_images, train_images = (vae_lstm.load_mnist(real_mnist(), train=train) for train in (False, True))
-    reference, _ = vae_lstm.classify(shipped_classifier, test_images)
+def test_the_score_grows_with_blur_and_noise_and_the_training_images_score_lowest(
+        shipped_classifier, shipped_test_features, real_test_images, real_training_images):
+    test_images, train_images, reference = real_test_images, real_training_images, shipped_test_features[0]
     few, noise = test_images[:2000], torch.randn(2000, 28, 28, generator=torch.Generator().manual_seed(0))
 
     def frechet(images):  # 2,000 images each, as the number of images biases the distance
@@ -1513,14 +1577,17 @@ def test_the_score_grows_with_blur_and_noise_and_the_training_images_score_lowes
     assert floor < blurred[0] < blurred[1] < blurred[2] and floor < noisy[0] < noisy[1] < noisy[2], (blurred, noisy)
     record = json.loads(vae_lstm.CLASSIFIER.with_suffix(".json").read_text())["reference_scores"]
     assert record["training images"]["frechet"] < record["test images blurred, sigma 1"]["frechet"]
+    readme = " ".join((HERE / "README.md").read_text().split())
+    assert (f"(training images: {record['training images']['frechet']:.2f}; test images blurred by sigma 1: "
+            f"{record['test images blurred, sigma 1']['frechet']:.2f})") in readme  # the rows the README quotes
 
 
-def test_a_shipped_model_scores_as_on_record_and_draws_better_digits_from_the_mixture(shipped_classifier,
-                                                                                    real_test_images, monkeypatch):
+def test_a_shipped_model_scores_as_on_record_and_draws_better_digits_from_the_mixture(
+        shipped_classifier, real_test_images, real_training_images, monkeypatch):
     monkeypatch.setattr(vae_lstm, "SCORED_DIGITS", 10_000)
     model, _ = vae_lstm.load_model(vae_lstm.PUBLISHED_MODEL, "cpu")
     recorded = read_results(vae_lstm.PUBLISHED_MODEL.parent)["score"]
-    train_images = vae_lstm.load_train_val(real_mnist(), 0.1, 3136)[0][::10]  # a tenth of them: a fit in 3 s, not 25
+    train_images = real_training_images[split_indices()[0][::20]]  # 2,700 of the split: a fit in 1 s, not 25
     prior = vae_lstm.fit_mixture(vae_lstm.encode_split(model, train_images)[0], vae_lstm.MIXTURE_COMPONENTS)[0]
     measured = vae_lstm.score(model, real_test_images, real_test_images, shipped_classifier, prior)
     for kind in ("samples", "reconstructions"):
@@ -1528,7 +1595,8 @@ def test_a_shipped_model_scores_as_on_record_and_draws_better_digits_from_the_mi
         assert measured[kind]["recognised"] == pytest.approx(recorded[kind]["recognised"], abs=3e-4), kind
     assert measured["mixture"]["frechet"] <= measured["samples"]["frechet"] / 2  # the issue's bar, of its full fit
     assert measured["mixture"]["recognised"] >= 0.85
-    assert recorded["mixture"]["frechet"] <= recorded["samples"]["frechet"] / 2 and recorded["mixture"]["recognised"] >= 0.85
+    assert recorded["mixture"]["frechet"] <= recorded["samples"]["frechet"] / 2  # and of the fit on record, in full
+    assert recorded["mixture"]["recognised"] >= 0.85
 
 
 # ---------------------------------------- Comparing runs: one row per run, the mean of each variant, their digits
@@ -1555,7 +1623,8 @@ def copy_of_run(run, folder, seed, test_total, iw_samples=None, iw_bound=None):
     return folder
 
 
-def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_run, variant_runs, tmp_path, capsys):
+def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_run, variant_runs, tmp_path, capsys,
+                                                                     figures):
     seed_1 = copy_of_run(reference_run[0], tmp_path / "seed1", seed=1, test_total=250.0, iw_samples=5, iw_bound=240.0)
     small = variant_runs["small"]
     runs = [reference_run[0], seed_1, small]
@@ -1678,7 +1747,7 @@ class FullDisk(io.FileIO):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_a_full_disk_while_evaluating_is_one_line(reference_run, tiny_mnist, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_while_evaluating_is_one_line(reference_run, tiny_mnist, tmp_path, monkeypatch, capsys, figures):
     monkeypatch.setattr(vae_lstm, "open", lambda path, mode="r": FullDisk(path, "w"), raising=False)
     assert main(["evaluate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(tiny_mnist),
                  "--json", str(tmp_path / "evaluation.json")]) == 1
@@ -1702,6 +1771,12 @@ def test_a_picture_suffix_that_cannot_be_written_is_a_usage_error(name, referenc
                  str(tmp_path / name)]) == 2
     one_error_line(capsys.readouterr(), "cannot write a picture", name, ".png")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name, magic", [("runs.PNG", b"\x89PNG"), ("runs.Pdf", b"%PDF"), ("runs.SVG", b"<?xml")])
+def test_compare_writes_the_figure_format_its_suffix_names_in_any_case(name, magic, reference_run, tmp_path, figures):
+    assert main(["compare", str(reference_run[0]), "--figure", str(tmp_path / name)]) == 0
+    assert (tmp_path / name).read_bytes().startswith(magic)
 
 
 @pytest.mark.parametrize("name", ["runs.txt", "runs"])
@@ -1781,37 +1856,44 @@ def test_a_resumed_run_keeps_the_best_total_and_the_epochs_without_a_better_one(
     assert "interrupted" in capsys.readouterr().err
 
 
-def test_sigterm_stops_the_command_in_one_line_and_sigkill_leaves_no_lock(reference_run, tiny_mnist, tmp_path, capsys):
-    def start(*extra):  # the script itself, as a user or a scheduler runs it, until it has held the folder
-        child = subprocess.Popen([sys.executable, str(HERE / "vae_lstm.py"), *train_args(tiny_mnist, tmp_path),
-                                  "--epochs", "50", *extra], cwd=HERE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
-        assert "images; device" in child.stdout.readline()
-        next(line for line in child.stdout if line.startswith("epoch "))
-        return child
+def test_sigterm_stops_the_command_in_one_line_and_sigkill_leaves_no_lock(reference_run, reference_copy, tiny_mnist,
+                                                                          tmp_path, capsys):
+    run = tmp_path / "run"  # trained by the script itself, as a user or a scheduler runs it, and stopped by SIGTERM
+    child = subprocess.Popen([sys.executable, str(HERE / "vae_lstm.py"), *train_args(tiny_mnist, run), "--epochs",
+                              "50"], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    child = start()
+    held, holding = os.pipe()  # while it starts: a process holds another run as train does, and SIGKILL ends it
+    holder = os.fork()
+    if holder == 0:
+        try:
+            with vae_lstm.claim_run_folder(reference_copy, resume=True):
+                os.write(holding, b"held")
+                time.sleep(60)
+        finally:
+            os._exit(0)
+    assert os.read(held, 4) == b"held"
+    assert main(train_args(tiny_mnist, reference_copy, "--resume")) == 2
+    one_error_line(capsys.readouterr(), "in use by another train")
+    os.kill(holder, signal.SIGKILL)
+    assert os.waitpid(holder, 0)[1] == signal.SIGKILL
+    assert main(train_args(tiny_mnist, reference_copy, "--resume")) == 0  # the lock went with the process
+    capsys.readouterr()
+
+    assert "images; device" in child.stdout.readline()
+    next(line for line in child.stdout if line.startswith("epoch "))
+    for extra in ([], ["--resume"]):
+        assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(run), *extra]) == 2
+        one_error_line(capsys.readouterr(), str(run), "in use by another train")  # refused before the data
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=60)
-    assert child.returncode == 128 + signal.SIGTERM
-    epoch = torch.load(tmp_path / "last.pt", weights_only=True)["epoch"]
-    assert stderr == (f"terminated (SIGTERM); {tmp_path / 'last.pt'} holds epoch {epoch} and "
-                      f"{tmp_path / 'best_model.pt'} the best so far, both intact; resume with: python vae_lstm.py "
-                      f"{' '.join(train_args(tiny_mnist, tmp_path))} --epochs 50 --resume\n")
-
-    child = start("--resume")
-    for extra in ([], ["--resume"]):
-        assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(tmp_path), *extra]) == 2
-        one_error_line(capsys.readouterr(), str(tmp_path), "in use by another train")  # refused before the data
-    child.kill()
-    child.communicate(timeout=60)
-    assert child.returncode == -signal.SIGKILL and not (tmp_path / "results.json").exists()
-    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert child.returncode == 128 + signal.SIGTERM and not (run / "results.json").exists()
+    last = torch.load(run / "last.pt", weights_only=True)
     assert {"epoch", "model", "optimizer", "best_val", "bad_epochs", "history", "rng"} <= set(last)
-    assert last["epoch"] <= TINY_EPOCHS
-
-    assert main(train_args(tiny_mnist, tmp_path, "--resume")) == 0  # the lock went with the process
-    assert losses(read_results(tmp_path)) == losses(read_results(reference_run[0]))
+    assert stderr == (f"terminated (SIGTERM); {run / 'last.pt'} holds epoch {last['epoch']} and "
+                      f"{run / 'best_model.pt'} the best so far, both intact; resume with: python vae_lstm.py "
+                      f"{' '.join(train_args(tiny_mnist, run))} --epochs 50 --resume\n")
+    assert main(train_args(tiny_mnist, run, "--resume")) == 0
+    assert losses(read_results(run)) == losses(read_results(reference_run[0]))
 
 
 def test_a_second_sigterm_cannot_cut_the_way_out_short():
@@ -1949,16 +2031,29 @@ def test_cuda_computes_in_float32_and_deterministically(fake_devices):
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS's deterministic mode, set before CUDA starts
 
 
+class FakeDeviceGenerator:
+    """The default generator of torch.cuda or torch.mps, as get_rng_state and set_rng_state see it, on the CPU."""
+
+    def __init__(self, kind, monkeypatch):
+        self.generator = torch.Generator().manual_seed(7)
+        monkeypatch.setattr(getattr(torch, kind), "get_rng_state", self.generator.get_state)
+        monkeypatch.setattr(getattr(torch, kind), "set_rng_state", self.generator.set_state)
+
+    def draw(self):
+        return torch.rand(5, generator=self.generator)
+
+
 @pytest.mark.parametrize("kind", ["cpu", "cuda", "mps"])
-def test_the_training_device_random_state_round_trips_through_last_pt(kind, tmp_path):
-    if kind != "cpu" and not (torch.cuda.is_available() if kind == "cuda" else torch.backends.mps.is_available()):
-        pytest.skip(f"no {kind.upper()} device here")
+def test_the_training_device_random_state_round_trips_through_last_pt(kind, tmp_path, monkeypatch):
     device = torch.device(kind)
+    draw_on_device = FakeDeviceGenerator(kind, monkeypatch).draw if kind != "cpu" else lambda: torch.rand(5)
     vae_lstm.save_checkpoint({"rng": vae_lstm.rng_states(device)}, tmp_path / "last.pt")
-    expected = torch.rand(5), torch.rand(5, device=device)
-    torch.rand(5), torch.rand(5, device=device)  # draws of the epochs after the one saved
-    vae_lstm.restore_rng_states(vae_lstm.read_checkpoint(tmp_path / "last.pt")["rng"], device)
-    assert all(map(torch.equal, (torch.rand(5), torch.rand(5, device=device)), expected))
+    expected = torch.rand(5), draw_on_device()
+    torch.rand(5), draw_on_device()  # draws of the epochs after the one saved
+    saved = vae_lstm.read_checkpoint(tmp_path / "last.pt")["rng"]
+    assert set(saved) == {"cpu", kind}  # the CPU's (batch order) and the training device's (noise)
+    vae_lstm.restore_rng_states(saved, device)
+    assert all(map(torch.equal, (torch.rand(5), draw_on_device()), expected))
 
 
 def test_a_run_resumed_on_another_device_type_says_its_numbers_will_differ(reference_copy, tiny_mnist, capsys):

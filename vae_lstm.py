@@ -434,7 +434,7 @@ def train(args):
 
 
 # ==============================================================================================================
-# Part 2. Beyond the report: binarized MNIST and the likelihood, the latent space, comparing runs
+# Part 2. Beyond the report: binarized MNIST, the likelihood, the latent space and its prior, the score, comparing runs
 # ==============================================================================================================
 
 # --------------------------------------------------------- Binarized MNIST (Burda et al., 2016; train --binarize)
@@ -1272,7 +1272,7 @@ def parse_args(argv=None):
                               help="continue the run in --out, with the same settings; a larger --epochs trains more")
     train_parser.add_argument("--out", default="runs/lstm_vae", help="folder for the checkpoints, logs and figures")
 
-    generate_parser = add("generate", "decode z ~ N(0, I) into a grid of digits")
+    generate_parser = add("generate", "decode z ~ N(0, I), or a mixture fitted to the codes, into a grid of digits")
     generate_parser.add_argument("--n", type=POSITIVE_INT, default=100, help="number of digits")
     generate_parser.add_argument("--nrow", type=POSITIVE_INT, default=10, help="digits per row of the grid")
     generate_parser.add_argument("--seed", type=SEED, default=0, help="seed of the z draws")
