@@ -199,12 +199,15 @@ PLOTS = ("plot_losses", "plot_latent_map", "plot_latent_usage", "plot_by_confide
 
 
 @pytest.fixture(autouse=True)
-def figures_only_where_looked_at(request, monkeypatch):
+def figures_only_where_looked_at(request):
     """The plots are drawn (0.1 to 0.4 s each) only where a test looks at them, through `drawn` or `figures`, and in
-    the runs of the fixtures above, which are made first; elsewhere each plot function draws and writes nothing."""
-    if not {"drawn", "figures"} & set(request.fixturenames):
-        for name in PLOTS:
-            monkeypatch.setattr(vae_lstm, name, lambda *args, **kwargs: None)
+    the runs of the fixtures above, which are made first; elsewhere each plot function draws and writes nothing,
+    through a monkeypatch of its own, which a test's monkeypatch.undo() leaves in place."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not {"drawn", "figures"} & set(request.fixturenames):
+            for name in PLOTS:
+                patch.setattr(vae_lstm, name, lambda *args, **kwargs: None)
+        yield
 
 
 @pytest.fixture

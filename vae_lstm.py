@@ -695,8 +695,10 @@ def draw_codes(mixture, n, generator):
     """n codes of a fitted mixture from a seeded CPU generator (MixtureSameFamily.sample takes none): (n, d)."""
     chosen = torch.multinomial(mixture.mixture_distribution.probs, n, replacement=True, generator=generator)
     gaussians = mixture.component_distribution
-    eps = cpu_normal((n, gaussians.event_shape[0], 1), generator, "cpu").double()
-    return (gaussians.loc[chosen] + (gaussians.scale_tril[chosen] @ eps).squeeze(2)).float()
+    eps, codes = cpu_normal((n, gaussians.event_shape[0]), generator, "cpu").double(), gaussians.loc[chosen]
+    for component, scale in enumerate(gaussians.scale_tril):  # a component at a time: n codes in memory, not n scales
+        codes[chosen == component] += eps[chosen == component] @ scale.T
+    return codes.float()
 
 
 def fit_prior(model, train_images, val_images, components):
