@@ -201,12 +201,14 @@ PLOTS = ("plot_losses", "plot_latent_map", "plot_latent_usage", "plot_by_confide
 @pytest.fixture(autouse=True)
 def figures_only_where_looked_at(request):
     """The plots are drawn (0.1 to 0.4 s each) only where a test looks at them, through `drawn` or `figures`, and in
-    the runs of the fixtures above, which are made first; elsewhere each plot function draws and writes nothing,
-    through a monkeypatch of its own, which a test's monkeypatch.undo() leaves in place."""
+    the runs of the fixtures above, which are made first; elsewhere each plot function draws and writes nothing.
+    Nor does a file written here wait for the disk (fsync, about 4 ms a file), which no test could see but the one
+    that spies on it. Through a monkeypatch of its own, which a test's monkeypatch.undo() leaves in place."""
     with pytest.MonkeyPatch.context() as patch:
         if not {"drawn", "figures"} & set(request.fixturenames):
             for name in PLOTS:
                 patch.setattr(vae_lstm, name, lambda *args, **kwargs: None)
+        patch.setattr(vae_lstm.os, "fsync", lambda descriptor: None)
         yield
 
 
@@ -1725,6 +1727,14 @@ def test_every_writer_gives_the_mode_open_gives_under_the_umask(umask, tmp_path)
         os.umask(previous)
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
     assert len(modes) == 6 and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_a_file_is_on_the_disk_before_it_takes_its_name(tmp_path, monkeypatch):
+    steps, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(vae_lstm.os, "fsync", lambda descriptor: steps.append("fsync") or fsync(descriptor))
+    monkeypatch.setattr(vae_lstm.os, "replace", lambda *paths: steps.append("rename") or replace(*paths))
+    vae_lstm.write_json({"epoch": 1}, tmp_path / "results.json")
+    assert steps == ["fsync", "rename"] and json.loads((tmp_path / "results.json").read_text()) == {"epoch": 1}
 
 
 def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
