@@ -1355,9 +1355,8 @@ def test_generate_draws_from_the_mixture_fitted_to_the_checkpoint_s_training_spl
     argv = ["generate", "--checkpoint", str(checkpoint), "--prior", "mixture", "--components", "3", "--data-dir",
             str(tiny_mnist), "--n", "20", "--seed", "4", "--out", str(path)]
     assert main(argv) == 0
-    assert re.fullmatch(r"z from a 3-component mixture fitted to 180 training codes in \d+\.\d s "
-                        rf"\(\d+ EM iterations\)\n20 generated digits written to {re.escape(str(path))}\n",
-                        capsys.readouterr().out)
+    assert re.fullmatch(r"z from a 3-component mixture of the training codes, fitted in \d+\.\d s\n"
+                        rf"20 generated digits written to {re.escape(str(path))}\n", capsys.readouterr().out)
     model, _ = vae_lstm.load_model(checkpoint, "cpu")
     train_images = vae_lstm.load_train_val(tiny_mnist, 0.1, 3136)[0]  # the split of the checkpoint's config
     assert torch.equal(fitted[0], vae_lstm.encode_split(model, train_images)[0])

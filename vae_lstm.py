@@ -378,8 +378,7 @@ def generate(args):
     out = Path(args.out) if args.out else default_out(args.checkpoint) / "generated.png"
     picture_format(out)
     check_out_dir(out.parent)
-    prior = chosen_prior(args, model, config)
-    save_grid(sample_digits(model, args.n, args.seed, prior), out, args.nrow)
+    save_grid(sample_digits(model, args.n, args.seed, chosen_prior(args, model, config)), out, args.nrow)
     print(f"{args.n} generated digits written to {out}")
 
 
@@ -654,7 +653,6 @@ def explore_command(args):
 # ---------------------- A prior fitted to the codes (generate --prior mixture; Ghosh et al., 2020, "ex-post density")
 
 MIXTURE_COMPONENTS = 10  # K Gaussians of full covariance, as pythae's GaussianMixtureSampler
-MIXTURE_SEED = 0  # the fit starts from k-means of K codes drawn from this seed: one checkpoint, one mixture
 KMEANS_STEPS = 20  # Lloyd's steps before EM, which sklearn's GaussianMixture (pythae's) starts from too
 MIXTURE_TOLERANCE = 0.01  # EM stops when an iteration adds less to the mean log-likelihood of a code (nats) ...
 MIXTURE_ITERATIONS = 100  # ... or after this many, sklearn's cap
@@ -671,9 +669,9 @@ def mixture_of(codes, responsibilities):
     return MixtureSameFamily(Categorical(probs=counts / len(codes)), MultivariateNormal(means, covariances))
 
 
-def fit_mixture(codes, components, seed=MIXTURE_SEED):
+def fit_mixture(codes, components, seed=EVAL_SEED):
     """A Gaussian mixture fitted by EM to `codes` (N, d) in float64 on the CPU, from k-means of `components` codes
-    drawn from `seed`; and the mean log-likelihood of a code at each iteration, which EM never lowers."""
+    drawn from `seed` (one checkpoint, one mixture); and the mean log-likelihood of a code at each iteration."""
     codes = codes.cpu().double()
     if components > len(codes):
         raise UserError(f"--components {components} is more than the {len(codes)} codes of the training split")
@@ -718,8 +716,7 @@ def chosen_prior(args, model, config):
     splits = [as_measured(images, config).to(next(model.parameters()).device)
               for images in load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])]
     mixture, fit = fit_prior(model, *splits, args.components)
-    print(f"z from a {args.components}-component mixture fitted to {len(splits[0])} training codes in "
-          f"{fit['seconds']:.1f} s ({fit['iterations']} EM iterations)")
+    print(f"z from a {args.components}-component mixture of the training codes, fitted in {fit['seconds']:.1f} s")
     return mixture
 
 
@@ -794,9 +791,8 @@ def image_score(features, probabilities, reference_features):
 
 @torch.no_grad()
 def score(model, images, test_images, classifier, prior, figure=None):
-    """The score of SCORED_DIGITS digits of z ~ N(0, I), as many of the fitted `prior`, and of the reconstructions
-    of `images` (evaluate's draws), against the grey test images (for a binarized model too: README); with a path,
-    the digits of N(0, I) by confidence."""
+    """The score of SCORED_DIGITS digits of z ~ N(0, I) and of the fitted `prior`, and of the reconstructions of
+    `images` (evaluate's draws), against the grey test images (binarized models too: README); with a path, a figure."""
     digits, generator = sample_digits(model, SCORED_DIGITS, EVAL_SEED), torch.Generator().manual_seed(EVAL_SEED)
     reconstructions = torch.cat([model(x, generator)[0] for x in images.split(EVAL_BATCH_SIZE)])
     (reference, _), (features, probabilities) = classify(classifier, test_images), classify(classifier, digits)
