@@ -872,13 +872,18 @@ def test_what_the_user_reads_is_drawn_from_seeded_cpu_generators(tiny_mnist, tmp
 
 
 def test_a_published_model_generates_without_training_and_leaves_the_published_files_alone(tmp_path, monkeypatch,
-                                                                                           capsys):
+                                                                                           capsys, tiny_mnist):
     monkeypatch.chdir(tmp_path)  # a user's folder, outside the repository
     published = sorted(path.stat().st_mtime_ns for path in vae_lstm.PUBLISHED.rglob("*"))
     assert main(["generate", "--checkpoint", str(vae_lstm.PUBLISHED_MODEL)]) == 0
     written = Path("runs", "published", "design-report-seed0", "generated.png")
     assert capsys.readouterr().out == f"100 generated digits written to {written}\n"
     assert_every_cell_is_drawn(digit_cells(written, 10, 10))
+    of_the_prior = written.read_bytes()
+    assert main(["generate", "--checkpoint", str(vae_lstm.PUBLISHED_MODEL), "--prior", "mixture", "--data-dir",
+                 str(tiny_mnist)]) == 0  # beside the digits of N(0, I), not over them
+    assert capsys.readouterr().out.endswith(f"written to {written.with_name('generated_mixture.png')}\n")
+    assert written.read_bytes() == of_the_prior and written.with_name("generated_mixture.png").is_file()
     assert sorted(path.stat().st_mtime_ns for path in vae_lstm.PUBLISHED.rglob("*")) == published
     assert vae_lstm.default_out(tmp_path / "run" / "best_model.pt") == tmp_path / "run"  # others: beside the model
 
@@ -1347,6 +1352,9 @@ def test_a_fit_from_one_seed_is_reproducible_and_its_draws_have_its_mean_and_cov
     torch.testing.assert_close(draws.double().mean(0), fitted.mean, atol=0.05, rtol=0)
     torch.testing.assert_close(torch.cov(draws.double().T), second_moment - fitted.mean.outer(fitted.mean), atol=0.12,
                                rtol=0.02)
+    one = vae_lstm.fit_mixture(codes, 1)[0]  # one Gaussian: the draws' spread is its own, each correlation its sign
+    draws = vae_lstm.draw_codes(one, 40_000, torch.Generator().manual_seed(0)).double()
+    torch.testing.assert_close(torch.cov(draws.T), one.component_distribution.covariance_matrix[0], atol=0.1, rtol=0.03)
 
 
 def test_generate_draws_from_the_mixture_fitted_to_the_checkpoint_s_training_split(reference_run, tiny_mnist,

@@ -375,7 +375,8 @@ def sample_digits(model, n, seed, prior=None):
 
 def generate(args):
     model, config = load_model(args.checkpoint, resolve_device(args.device))
-    out = Path(args.out) if args.out else default_out(args.checkpoint) / "generated.png"
+    name = "generated.png" if args.prior == "normal" else "generated_mixture.png"  # one beside the other
+    out = Path(args.out) if args.out else default_out(args.checkpoint) / name
     picture_format(out)
     check_out_dir(out.parent)
     save_grid(sample_digits(model, args.n, args.seed, chosen_prior(args, model, config)), out, args.nrow)
@@ -1277,8 +1278,8 @@ def parse_args(argv=None):
     generate_parser.add_argument("--prior", choices=["normal", "mixture"], default="normal", help="z from the "
                                  "report's N(0, I), or from a Gaussian mixture fitted to the training split's codes")
     generate_parser.add_argument("--out", help="picture to write, in the format its suffix names (.png, .jpg, ...; "
-                                               "default: generated.png beside the checkpoint, or in "
-                                               "runs/published/NAME for a published model)")
+                                               "default: generated.png, or generated_mixture.png, beside the "
+                                               "checkpoint, or in runs/published/NAME for a published model)")
 
     evaluate_parser = add("evaluate", "per-image losses of a split, and an importance-weighted bound")
     evaluate_parser.add_argument("--split", choices=["train", "val", "test"], default="test", help="which images")
