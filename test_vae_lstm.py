@@ -217,6 +217,17 @@ def figures():
     """The plots drawn and written, for a test that reads their files."""
 
 
+def watched_calls(monkeypatch, name, position):
+    """vae_lstm.`name`, watched: a copy of the tensor it is given at `position`, in each of its calls, in order."""
+    seen, function = [], getattr(vae_lstm, name)
+
+    def watched(*args):
+        seen.append(args[position].clone())
+        return function(*args)
+    monkeypatch.setattr(vae_lstm, name, watched)
+    return seen
+
+
 def scripted_training(monkeypatch, val_totals):
     """train_epoch and evaluate replaced: each epoch leaves its number in a weight, and validation gives the next
     of `val_totals`. Returns the epochs whose weights were evaluated, in order."""
@@ -1024,12 +1035,12 @@ def grey_mnist(tmp_path_factory):
 
 def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path, monkeypatch, capsys):
     binarized_run, tiny_mnist = tmp_path, grey_mnist
-    scored = scored_inputs(monkeypatch)
+    scored = watched_calls(monkeypatch, "classify", 1)
     assert main(train_args(tiny_mnist, binarized_run, "--binarize")) == 0
     monkeypatch.undo()
     checkpoint = binarized_run / "best_model.pt"
     assert torch.load(checkpoint, weights_only=True)["config"]["binarize"] is True
-    evaluations, fitted = [], fitted_codes(monkeypatch)
+    evaluations, fitted = [], watched_calls(monkeypatch, "fit_mixture", 0)
     for _ in range(2):
         assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist),
                      "--iw-samples", "5"]) == 0
@@ -1131,9 +1142,7 @@ def test_the_estimate_over_several_batches_of_images_is_that_of_one_batch(monkey
     model, x = VAE().eval(), torch.rand(12, 28, 28)
     one_batch = vae_lstm.importance_weighted_nll(model, x, 10)
     monkeypatch.setattr(vae_lstm, "IW_CODES", 50)  # batches of 5, 5 and 2 images, from one stream of draws
-    batches, log_importance_weights = [], vae_lstm.log_importance_weights
-    monkeypatch.setattr(vae_lstm, "log_importance_weights", lambda model, images, *args: batches.append(images) or
-                        log_importance_weights(model, images, *args))
+    batches = watched_calls(monkeypatch, "log_importance_weights", 1)
     torch.testing.assert_close(vae_lstm.importance_weighted_nll(model, x, 10), one_batch, rtol=1e-6, atol=1e-4)
     assert [len(images) for images in batches] == [5, 5, 2] and torch.equal(torch.cat(batches), x)  # in memory: 50
 
@@ -1298,14 +1307,6 @@ def known_mixture():
                                                                                         KNOWN_MIXTURE["covariances"]))
 
 
-def fitted_codes(monkeypatch):
-    """fit_mixture, watched: the codes of each of its calls, in order."""
-    seen, fit_mixture = [], vae_lstm.fit_mixture
-    monkeypatch.setattr(vae_lstm, "fit_mixture", lambda codes, *args: seen.append(codes.clone()) or
-                        fit_mixture(codes, *args))
-    return seen
-
-
 def test_em_recovers_the_weights_means_and_covariances_of_a_known_mixture():
     fitted, log_likelihoods = vae_lstm.fit_mixture(codes_of(known_mixture(), 6000).float(), 3)
     gaussians = fitted.component_distribution
@@ -1359,7 +1360,8 @@ def test_a_fit_from_one_seed_is_reproducible_and_its_draws_have_its_mean_and_cov
 
 def test_generate_draws_from_the_mixture_fitted_to_the_checkpoint_s_training_split(reference_run, tiny_mnist,
                                                                                    tmp_path, monkeypatch, capsys):
-    checkpoint, path, fitted = reference_run[0] / "best_model.pt", tmp_path / "mixture.png", fitted_codes(monkeypatch)
+    checkpoint, path = reference_run[0] / "best_model.pt", tmp_path / "mixture.png"
+    fitted = watched_calls(monkeypatch, "fit_mixture", 0)
     argv = ["generate", "--checkpoint", str(checkpoint), "--prior", "mixture", "--components", "3", "--data-dir",
             str(tiny_mnist), "--n", "20", "--seed", "4", "--out", str(path)]
     assert main(argv) == 0
@@ -1447,19 +1449,11 @@ def test_a_digit_is_recognised_from_a_top_probability_of_0_9_and_each_digit_is_c
     assert scores["frechet"] == pytest.approx(3 * 2**2)  # shifted by 2 in each of 3 features, the same spread
 
 
-def scored_inputs(monkeypatch):
-    """classify, watched: the images of each of its calls, in order."""
-    seen, classify = [], vae_lstm.classify
-    monkeypatch.setattr(vae_lstm, "classify", lambda classifier, images: seen.append(images.clone()) or
-                        classify(classifier, images))
-    return seen
-
-
 def test_the_score_is_of_digits_from_the_prior_and_of_evaluate_s_reconstructions(reference_run, tiny_mnist,
                                                                                  tmp_path, monkeypatch):
     model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
     images = vae_lstm.load_mnist(tiny_mnist, train=False)
-    seen, prior = scored_inputs(monkeypatch), vae_lstm.fit_mixture(torch.randn(100, 64), 3)[0]
+    seen, prior = watched_calls(monkeypatch, "classify", 1), vae_lstm.fit_mixture(torch.randn(100, 64), 3)[0]
     scores = vae_lstm.score(model, images, images, vae_lstm.load_classifier(vae_lstm.CLASSIFIER), prior,
                             tmp_path / "f.png")
     reference, digits, mixture_digits, reconstructions = seen

@@ -793,7 +793,8 @@ def image_score(features, probabilities, reference_features):
 @torch.no_grad()
 def score(model, images, test_images, classifier, prior, figure=None):
     """The score of SCORED_DIGITS digits of z ~ N(0, I) and of the fitted `prior`, and of the reconstructions of
-    `images` (evaluate's draws), against the grey test images (binarized models too: README); with a path, a figure."""
+    `images` (evaluate's draws), against the grey test images (binarized models too: README); with a path, the
+    digits of N(0, I) by confidence."""
     digits, generator = sample_digits(model, SCORED_DIGITS, EVAL_SEED), torch.Generator().manual_seed(EVAL_SEED)
     reconstructions = torch.cat([model(x, generator)[0] for x in images.split(EVAL_BATCH_SIZE)])
     (reference, _), (features, probabilities) = classify(classifier, test_images), classify(classifier, digits)
