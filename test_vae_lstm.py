@@ -110,7 +110,8 @@ def tiny_mnist(tmp_path_factory):
 
 
 def train_args(data, out, *extra):
-    return ["train", "--data-dir", str(data), "--epochs", str(TINY_EPOCHS), "--out", str(out), *extra]
+    return ["train", "--device", "cpu", "--data-dir", str(data), "--epochs", str(TINY_EPOCHS), "--out", str(out),
+            *extra]
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +322,7 @@ def test_real_mnist_loads_splits_and_trains_briefly(real_training_images):
 ], ids=["missing", "empty", "truncated", "corrupt"])
 def test_unreadable_data_is_one_clear_line(make_data_dir, words, tiny_mnist, tmp_path, capsys):
     data_dir = make_data_dir(tiny_mnist, tmp_path)
-    assert main(["train", "--data-dir", str(data_dir), "--out", str(tmp_path / "run")]) == 2
+    assert main(["train", "--device", "cpu", "--data-dir", str(data_dir), "--out", str(tmp_path / "run")]) == 2
     one_error_line(capsys.readouterr(), f"cannot read MNIST from {data_dir / 'MNIST' / 'raw'}",
                    "train-images-idx3-ubyte", *words)
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -336,7 +337,7 @@ def test_train_downloads_mnist_to_data_when_it_is_absent(tiny_mnist, tmp_path, m
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", download)
     monkeypatch.chdir(tmp_path)
     assert vae_lstm.parse_args(["train"]).data_dir == "data"  # ./data unless told
-    assert main(["train", "--epochs", "1", "--out", "run"]) == 0
+    assert main(["train", "--device", "cpu", "--epochs", "1", "--out", "run"]) == 0
     assert fetched and set(fetched) == {Path("data", "MNIST", "raw")}
     assert sorted(path.name for path in (tmp_path / "data" / "MNIST" / "raw").iterdir()) == sorted(vae_lstm.MNIST_FILES)
     assert read_results(tmp_path / "run")["epochs_run"] == 1
@@ -462,12 +463,13 @@ def test_a_variant_round_trips_through_its_checkpoint(name, latent_dim, variant_
     run = variant_runs[name]
     results, checkpoint = read_results(run), run / "best_model.pt"
     assert torch.load(checkpoint, weights_only=True)["config"]["latent_dim"] == latent_dim
-    assert main(["generate", "--checkpoint", str(checkpoint), "--n", "4", "--out", str(tmp_path / "four.png")]) == 0
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--json",
-                 str(tmp_path / "evaluation.json"), "--iw-samples", "3"]) == 0
+    assert main(["generate", "--device", "cpu", "--checkpoint", str(checkpoint), "--n", "4", "--out",
+                 str(tmp_path / "four.png")]) == 0
+    assert main(["evaluate", "--device", "cpu", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist),
+                 "--json", str(tmp_path / "evaluation.json"), "--iw-samples", "3"]) == 0
     assert json.loads((tmp_path / "evaluation.json").read_text())["total"] == pytest.approx(results["test"]["total"],
                                                                                             rel=1e-6)
-    assert main(["explore", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--out",
+    assert main(["explore", "--device", "cpu", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist), "--out",
                  str(tmp_path / "explored")]) == 0
     assert len(json.loads((tmp_path / "explored" / "exploration.json").read_text())["activity"]) == latent_dim
 
@@ -558,7 +560,7 @@ def test_bad_checkpoints_are_refused(kind, command, reference_run, tmp_path, mon
     options = {"generate": ["--out", str(written / "digits.png")],
                "evaluate": ["--data-dir", "unused", "--json", str(written / "e.json")],
                "explore": ["--data-dir", "unused", "--out", str(written)]}[command]
-    assert main([command, "--checkpoint", str(path), *options]) == 2
+    assert main([command, "--device", "cpu", "--checkpoint", str(path), *options]) == 2
     one_error_line(capsys.readouterr(), str(path), *words)
     assert not marker.exists() and not written.exists()
 
@@ -797,8 +799,8 @@ def test_evaluation_and_the_score_take_eval_batch_size_images_at_a_time(monkeypa
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_evaluate_measures_the_split_it_names_as_train_did(split, reference_run, tiny_mnist, tmp_path, capsys):
     out = reference_run[0]
-    assert main(["evaluate", "--checkpoint", str(out / "best_model.pt"), "--data-dir", str(tiny_mnist), "--split",
-                 split, "--json", str(tmp_path / "evaluation.json")]) == 0
+    assert main(["evaluate", "--device", "cpu", "--checkpoint", str(out / "best_model.pt"), "--data-dir",
+                 str(tiny_mnist), "--split", split, "--json", str(tmp_path / "evaluation.json")]) == 0
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert evaluation["split"] == split and evaluation["images"] == {"train": 180, "val": 20, "test": TINY_TEST}[split]
     for part in ("bce", "kl", "total"):  # the same z, so the numbers that train measured
@@ -812,7 +814,8 @@ def test_evaluate_refuses_a_model_whose_finite_weights_overflow(tmp_path, tiny_m
     weights = VAE().state_dict()
     weights["decoder_fc.weight"].fill_(3e38)  # finite, but inf after the first layer, then inf - inf
     torch.save({"config": CONFIG, "model": weights}, tmp_path / "huge.pt")
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "huge.pt"), "--data-dir", str(tiny_mnist)]) == 2
+    assert main(["evaluate", "--device", "cpu", "--checkpoint", str(tmp_path / "huge.pt"), "--data-dir",
+                 str(tiny_mnist)]) == 2
     one_error_line(capsys.readouterr(), "the model's reconstructions hold NaN or inf: its weights are not finite")
 
 
@@ -854,8 +857,8 @@ def test_each_shipped_variant_is_the_model_of_its_results_and_has_a_score(run):
 @pytest.mark.parametrize("n, nrow, rows, columns", [(7, 10, 1, 7), (6, 3, 2, 3), (5, 2, 3, 2)])
 def test_generate_draws_n_digits_nrow_to_a_row(n, nrow, rows, columns, reference_run, tmp_path, capsys):
     path = tmp_path / "digits.png"
-    assert main(["generate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--n", str(n), "--nrow",
-                 str(nrow), "--out", str(path)]) == 0
+    assert main(["generate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--n",
+                 str(n), "--nrow", str(nrow), "--out", str(path)]) == 0
     assert capsys.readouterr().out == f"{n} generated digits written to {path}\n"
     cells = digit_cells(path, rows, columns).reshape(-1, 28, 28)
     assert_every_cell_is_drawn(cells[:n])
@@ -886,13 +889,13 @@ def test_a_published_model_generates_without_training_and_leaves_the_published_f
                                                                                            capsys, tiny_mnist):
     monkeypatch.chdir(tmp_path)  # a user's folder, outside the repository
     published = sorted(path.stat().st_mtime_ns for path in vae_lstm.PUBLISHED.rglob("*"))
-    assert main(["generate", "--checkpoint", str(vae_lstm.PUBLISHED_MODEL)]) == 0
+    assert main(["generate", "--device", "cpu", "--checkpoint", str(vae_lstm.PUBLISHED_MODEL)]) == 0
     written = Path("runs", "published", "design-report-seed0", "generated.png")
     assert capsys.readouterr().out == f"100 generated digits written to {written}\n"
     assert_every_cell_is_drawn(digit_cells(written, 10, 10))
     of_the_prior = written.read_bytes()
-    assert main(["generate", "--checkpoint", str(vae_lstm.PUBLISHED_MODEL), "--prior", "mixture", "--data-dir",
-                 str(tiny_mnist)]) == 0  # beside the digits of N(0, I), not over them
+    assert main(["generate", "--device", "cpu", "--checkpoint", str(vae_lstm.PUBLISHED_MODEL), "--prior", "mixture",
+                 "--data-dir", str(tiny_mnist)]) == 0  # beside the digits of N(0, I), not over them
     assert capsys.readouterr().out.endswith(f"written to {written.with_name('generated_mixture.png')}\n")
     assert written.read_bytes() == of_the_prior and written.with_name("generated_mixture.png").is_file()
     assert sorted(path.stat().st_mtime_ns for path in vae_lstm.PUBLISHED.rglob("*")) == published
@@ -984,7 +987,8 @@ def test_the_kl_weight_weighs_the_kl_in_training_validation_test_and_evaluate(ti
         assert total == pytest.approx(bce + 0.25 * kl, rel=1e-6) and kl > 1e-3, split
     results = read_results(tmp_path)
     assert results["test"]["total"] == pytest.approx(results["test"]["bce"] + 0.25 * results["test"]["kl"], rel=1e-6)
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "best_model.pt"), "--data-dir", str(tiny_mnist)]) == 0
+    assert main(["evaluate", "--device", "cpu", "--checkpoint", str(tmp_path / "best_model.pt"), "--data-dir",
+                 str(tiny_mnist)]) == 0
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert evaluation["total"] == pytest.approx(results["test"]["total"], rel=1e-6)
 
@@ -1042,7 +1046,7 @@ def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path,
     assert torch.load(checkpoint, weights_only=True)["config"]["binarize"] is True
     evaluations, fitted = [], watched_calls(monkeypatch, "fit_mixture", 0)
     for _ in range(2):
-        assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist),
+        assert main(["evaluate", "--device", "cpu", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist),
                      "--iw-samples", "5"]) == 0
         evaluations.append(json.loads((binarized_run / "evaluation.json").read_text()))
         del evaluations[-1]["iw_seconds"], evaluations[-1]["machine"], evaluations[-1]["mixture_fit"]["seconds"]
@@ -1066,7 +1070,7 @@ def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path,
         expected = model(vae_lstm.binarize_once(grey), torch.Generator().manual_seed(vae_lstm.EVAL_SEED))[0]
     assert torch.equal(reconstructions, expected)
 
-    assert main(["explore", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist)]) == 0
+    assert main(["explore", "--device", "cpu", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist)]) == 0
     assert json.loads((binarized_run / "exploration.json").read_text())["kl"] == pytest.approx(results["test"]["kl"],
                                                                                                rel=1e-6)
 
@@ -1076,8 +1080,8 @@ def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path,
 def test_evaluate_adds_the_importance_weighted_bound_of_a_grey_level_model(reference_run, tiny_mnist, tmp_path,
                                                                            capsys):
     out = reference_run[0]
-    assert main(["evaluate", "--checkpoint", str(out / "best_model.pt"), "--data-dir", str(tiny_mnist),
-                 "--iw-samples", "5", "--json", str(tmp_path / "evaluation.json")]) == 0
+    assert main(["evaluate", "--device", "cpu", "--checkpoint", str(out / "best_model.pt"), "--data-dir",
+                 str(tiny_mnist), "--iw-samples", "5", "--json", str(tmp_path / "evaluation.json")]) == 0
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert evaluation["images"] == TINY_TEST and evaluation["iw_samples"] == 5
     assert evaluation["total"] == pytest.approx(read_results(out)["test"]["total"], rel=1e-6)  # same z, same numbers
@@ -1230,8 +1234,8 @@ def test_a_dimension_whose_encoder_mu_row_is_zero_is_inactive(tiny_mnist, tmp_pa
 
 def test_explore_command_writes_its_four_files(reference_run, tiny_mnist, tmp_path, capsys, drawn):
     out = reference_run[0]
-    assert main(["explore", "--checkpoint", str(out / "best_model.pt"), "--data-dir", str(tiny_mnist),
-                 "--out", str(tmp_path)]) == 0
+    assert main(["explore", "--device", "cpu", "--checkpoint", str(out / "best_model.pt"), "--data-dir",
+                 str(tiny_mnist), "--out", str(tmp_path)]) == 0
     exploration = json.loads((tmp_path / "exploration.json").read_text())
     assert exploration["latent_dim"] == 64 and len(exploration["activity"]) == len(exploration["kl_per_dim"]) == 64
     assert exploration["active_units"] == sum(a > 0.01 for a in exploration["activity"])
@@ -1270,8 +1274,8 @@ def test_the_latent_map_draws_the_digits_shuffled_so_that_none_hides_another(ref
                                                                             drawn):
     labels = np.arange(TINY_TEST) * 10 // TINY_TEST  # sorted: the 0s first, the 9s last
     data = altered_copy(tiny_mnist, tmp_path, "t10k-labels-idx1-ubyte", lambda _: idx_bytes(labels))
-    assert main(["explore", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(data),
-                 "--out", str(tmp_path / "explored")]) == 0
+    assert main(["explore", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir",
+                 str(data), "--out", str(tmp_path / "explored")]) == 0
     colours = list(drawn["latent_map.png"].axes[0].collections[0].get_array())
     assert sorted(colours) == list(labels) and colours != sorted(colours)
 
@@ -1279,8 +1283,8 @@ def test_the_latent_map_draws_the_digits_shuffled_so_that_none_hides_another(ref
 def test_a_test_set_that_lacks_a_digit_is_not_mnist(reference_run, tiny_mnist, tmp_path, capsys):
     data_dir = altered_copy(tiny_mnist, tmp_path, "t10k-labels-idx1-ubyte",
                             lambda data: idx_bytes(np.arange(TINY_TEST) % 9))  # no 9
-    assert main(["explore", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(data_dir),
-                 "--out", str(tmp_path / "explored")]) == 2
+    assert main(["explore", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir",
+                 str(data_dir), "--out", str(tmp_path / "explored")]) == 2
     one_error_line(capsys.readouterr(), "the test set lacks the digits [9]: not MNIST")
 
 
@@ -1362,8 +1366,8 @@ def test_generate_draws_from_the_mixture_fitted_to_the_checkpoint_s_training_spl
                                                                                    tmp_path, monkeypatch, capsys):
     checkpoint, path = reference_run[0] / "best_model.pt", tmp_path / "mixture.png"
     fitted = watched_calls(monkeypatch, "fit_mixture", 0)
-    argv = ["generate", "--checkpoint", str(checkpoint), "--prior", "mixture", "--components", "3", "--data-dir",
-            str(tiny_mnist), "--n", "20", "--seed", "4", "--out", str(path)]
+    argv = ["generate", "--device", "cpu", "--checkpoint", str(checkpoint), "--prior", "mixture", "--components", "3",
+            "--data-dir", str(tiny_mnist), "--n", "20", "--seed", "4", "--out", str(path)]
     assert main(argv) == 0
     assert re.fullmatch(r"z from a 3-component mixture of the training codes, fitted in \d+\.\d s\n"
                         rf"20 generated digits written to {re.escape(str(path))}\n", capsys.readouterr().out)
@@ -1384,8 +1388,8 @@ def digit_cells_of(digits, path, rows, columns):
 
 def test_the_default_prior_draws_the_report_s_digits_unchanged(tmp_path):
     for extra in ([], ["--prior", "normal"]):
-        assert main(["generate", "--checkpoint", str(vae_lstm.PUBLISHED_MODEL), "--out", str(tmp_path / "g.png"),
-                     *extra]) == 0  # no MNIST needed: nothing is fitted
+        assert main(["generate", "--device", "cpu", "--checkpoint", str(vae_lstm.PUBLISHED_MODEL), "--out",
+                     str(tmp_path / "g.png"), *extra]) == 0  # no MNIST needed: nothing is fitted
         drawn_now = digit_cells(tmp_path / "g.png", 10, 10)
         assert np.abs(drawn_now - digit_cells(HERE / "docs" / "generated.png", 10, 10)).max() <= 1  # float rounding
 
@@ -1396,8 +1400,8 @@ def test_the_default_prior_draws_the_report_s_digits_unchanged(tmp_path):
 ], ids=["more components than codes", "no MNIST"])  # --components 0: with the numbers out of range, Part 3
 def test_a_mixture_that_cannot_be_fitted_is_one_line(extra, words, reference_run, tiny_mnist, tmp_path, capsys):
     extra, words = ([text.format(tmp_path=tmp_path) for text in texts] for texts in (extra, words))
-    argv = ["generate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--prior", "mixture", "--data-dir",
-            str(tiny_mnist), "--out", str(tmp_path / "g.png"), *extra]
+    argv = ["generate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--prior",
+            "mixture", "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "g.png"), *extra]
     assert main(argv) == 2
     one_error_line(capsys.readouterr(), *words)
     assert not (tmp_path / "g.png").exists()
@@ -1405,8 +1409,8 @@ def test_a_mixture_that_cannot_be_fitted_is_one_line(extra, words, reference_run
 
 def test_evaluate_scores_the_mixture_of_components_it_is_given_beside_n_0_i(reference_run, tiny_mnist, tmp_path,
                                                                               capsys):
-    assert main(["evaluate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(tiny_mnist),
-                 "--components", "3", "--json", str(tmp_path / "evaluation.json")]) == 0
+    assert main(["evaluate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir",
+                 str(tiny_mnist), "--components", "3", "--json", str(tmp_path / "evaluation.json")]) == 0
     evaluation, printed = json.loads((tmp_path / "evaluation.json").read_text()), capsys.readouterr().out
     fit, mixture = evaluation["mixture_fit"], evaluation["score"]["mixture"]
     assert fit["components"] == 3 and 1 <= fit["iterations"] <= vae_lstm.MIXTURE_ITERATIONS and fit["seconds"] > 0
@@ -1470,8 +1474,8 @@ def test_the_score_is_of_digits_from_the_prior_and_of_evaluate_s_reconstructions
 def test_train_and_evaluate_give_one_score_of_one_model(reference_run, tiny_mnist, tmp_path, capsys, figures):
     out, stdout = reference_run
     results = read_results(out)
-    assert main(["evaluate", "--checkpoint", str(out / "best_model.pt"), "--data-dir", str(tiny_mnist), "--json",
-                 str(tmp_path / "evaluation.json")]) == 0
+    assert main(["evaluate", "--device", "cpu", "--checkpoint", str(out / "best_model.pt"), "--data-dir",
+                 str(tiny_mnist), "--json", str(tmp_path / "evaluation.json")]) == 0
     printed, evaluation = capsys.readouterr().out, json.loads((tmp_path / "evaluation.json").read_text())
     assert evaluation["score"] == results["score"]
     assert {**evaluation["mixture_fit"], "seconds": 0} == {**results["mixture_fit"], "seconds": 0}
@@ -1515,8 +1519,8 @@ def test_a_damaged_classifier_is_one_line_that_names_the_command_that_makes_one(
     if contents is not None:
         path.write_bytes(contents)
     argv = (train_args(tiny_mnist, tmp_path / "run") if command == "train" else
-            ["evaluate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(tiny_mnist),
-             "--json", str(tmp_path / "evaluation.json")])
+            ["evaluate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir",
+             str(tiny_mnist), "--json", str(tmp_path / "evaluation.json")])
     assert main([*argv, "--classifier", str(path)]) == 2
     one_error_line(capsys.readouterr(), f"no digit classifier at {path}", words,
                    f"make one with python vae_lstm.py classifier --out {path}")
@@ -1763,8 +1767,8 @@ class FullDisk(io.FileIO):
 
 def test_a_full_disk_while_evaluating_is_one_line(reference_run, tiny_mnist, tmp_path, monkeypatch, capsys, figures):
     monkeypatch.setattr(vae_lstm, "open", lambda path, mode="r": FullDisk(path, "w"), raising=False)
-    assert main(["evaluate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir", str(tiny_mnist),
-                 "--json", str(tmp_path / "evaluation.json")]) == 1
+    assert main(["evaluate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir",
+                 str(tiny_mnist), "--json", str(tmp_path / "evaluation.json")]) == 1
     one_error_line(capsys.readouterr(), "digits_by_confidence.png: No space left on device; no file is half-written")
     assert list(tmp_path.iterdir()) == []  # the figure, the first file it writes, was not
 
@@ -1773,15 +1777,15 @@ def test_a_full_disk_while_evaluating_is_one_line(reference_run, tiny_mnist, tmp
                                                 (".tiff", "TIFF"), (".webp", "WEBP")])
 def test_generate_writes_the_format_its_suffix_names(suffix, pil_format, reference_run, tmp_path):
     path = tmp_path / f"digits{suffix}"
-    assert main(["generate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--n", "4", "--out",
-                 str(path)]) == 0
+    assert main(["generate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--n", "4",
+                 "--out", str(path)]) == 0
     with Image.open(path) as picture:
         assert picture.format == pil_format and picture.size == (2 + 4 * 30, 32)
 
 
 @pytest.mark.parametrize("name", ["digits.txt", "digits", "digits.xbm"])
 def test_a_picture_suffix_that_cannot_be_written_is_a_usage_error(name, reference_run, tmp_path, capsys):
-    assert main(["generate", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--out",
+    assert main(["generate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--out",
                  str(tmp_path / name)]) == 2
     one_error_line(capsys.readouterr(), "cannot write a picture", name, ".png")
     assert not list(tmp_path.iterdir())
@@ -1896,7 +1900,8 @@ def test_sigterm_stops_the_command_in_one_line_and_sigkill_leaves_no_lock(refere
     assert "images; device" in child.stdout.readline()
     next(line for line in child.stdout if line.startswith("epoch "))
     for extra in ([], ["--resume"]):
-        assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(run), *extra]) == 2
+        assert main(["train", "--device", "cpu", "--data-dir", str(tmp_path / "no data"), "--out", str(run),
+                     *extra]) == 2
         one_error_line(capsys.readouterr(), str(run), "in use by another train")  # refused before the data
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=60)
@@ -1940,7 +1945,8 @@ def test_a_stop_outside_training_says_what_was_written(command, stopped_in, said
     options = {"generate": ["--out", str(tmp_path / "digits.png")],
                "evaluate": ["--data-dir", str(tiny_mnist), "--iw-samples", "10", "--json", str(tmp_path / "e.json")],
                "explore": ["--data-dir", str(tiny_mnist), "--out", str(tmp_path)]}[command]
-    assert main([command, "--checkpoint", str(reference_run[0] / "best_model.pt"), *options]) == status
+    assert main([command, "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"),
+                 *options]) == status
     assert capsys.readouterr().err == said + "\n"
     assert [path.name for path in tmp_path.iterdir()] == (["interpolation.png"] if command == "explore" else [])
 
@@ -1964,7 +1970,8 @@ def test_a_disk_full_before_the_first_epoch_is_saved_says_how_to_start_again(ext
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt"]
 
     monkeypatch.undo()
-    assert main(["train", "--data-dir", str(tmp_path / "no data"), "--out", str(tmp_path), *extra]) == 2
+    assert main(["train", "--device", "cpu", "--data-dir", str(tmp_path / "no data"), "--out", str(tmp_path),
+                 *extra]) == 2
     one_error_line(capsys.readouterr(), str(tmp_path), *words)  # told before any data is read
     best.unlink()
     assert main(train_args(tiny_mnist, tmp_path, "--epochs", "1")) == 0
@@ -2079,7 +2086,7 @@ def test_a_run_resumed_on_another_device_type_says_its_numbers_will_differ(refer
             "will differ from an uninterrupted run's") in capsys.readouterr().out
     vae_lstm.restore_rng_states({"cpu": torch.get_rng_state()}, torch.device("cuda"))  # and the other way round
     assert "trained on CPU and goes on on CUDA" in capsys.readouterr().out
-    assert read_results(reference_copy)["machine"] == vae_lstm.machine(torch.device("cpu"))
+    assert read_results(reference_copy)["machine"] == {**vae_lstm.machine(torch.device("cpu")), "training_step": "eager"}
 
 
 @pytest.fixture
@@ -2091,13 +2098,13 @@ def accelerator():
     pytest.skip("no CUDA or MPS device here: the device tests run where there is one")
 
 
-def test_on_the_accelerator_a_seed_twice_and_a_resumed_run_give_identical_numbers(accelerator, tiny_mnist, tmp_path,
-                                                                                  monkeypatch):
+def test_on_the_accelerator_a_seed_twice_and_a_run_stopped_by_sigterm_give_identical_numbers(
+        accelerator, tiny_mnist, tmp_path, monkeypatch):
     runs = [tmp_path / name for name in ("first", "second", "stopped")]
     for run in runs[:2]:
         assert main(train_args(tiny_mnist, run, "--device", accelerator)) == 0
-    raise_in_epoch(monkeypatch, 3, press_ctrl_c)
-    assert main(train_args(tiny_mnist, runs[2], "--device", accelerator)) == 130
+    raise_in_epoch(monkeypatch, 3, lambda: (_ for _ in ()).throw(vae_lstm.Terminated))  # as SIGTERM raises it
+    assert main(train_args(tiny_mnist, runs[2], "--device", accelerator)) == 128 + signal.SIGTERM
     monkeypatch.undo()
     assert main(train_args(tiny_mnist, runs[2], "--device", accelerator, "--resume")) == 0
     first, *others = (read_results(run) for run in runs)
@@ -2105,6 +2112,25 @@ def test_on_the_accelerator_a_seed_twice_and_a_resumed_run_give_identical_number
     assert first["machine"]["device"] != first["machine"]["cpu"]  # the GPU is named
     if accelerator == "cuda":
         assert first["machine"]["precision"] == vae_lstm.CUDA_PRECISION and first["machine"]["cudnn"]
+        assert [run["machine"]["training_step"] for run in (first, *others)] == ["CUDA graph"] * 3
+
+
+def test_on_cuda_the_graphed_step_gives_the_eager_step_s_bits(tiny_mnist, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here: the CUDA graph is tested where there is one")
+    runs = {step: tmp_path / step for step in ("graph", "eager")}
+    for step, run in runs.items():  # two epochs of batches of 64, 64 and a short 52
+        assert main(train_args(tiny_mnist, run, "--device", "cuda", "--epochs", "2",
+                               *(["--no-cuda-graph"] if step == "eager" else []))) == 0
+    (graph, eager) = (torch.load(run / "last.pt", weights_only=True) for run in runs.values())
+    assert graph["history"] == eager["history"] or all(
+        {k: v for k, v in a.items() if "seconds" not in k} == {k: v for k, v in b.items() if "seconds" not in k}
+        for a, b in zip(graph["history"], eager["history"]))
+    for name in graph["model"]:
+        assert torch.equal(graph["model"][name], eager["model"][name]), name
+    for graph_state, eager_state in zip(graph["optimizer"]["state"].values(), eager["optimizer"]["state"].values()):
+        assert all(torch.equal(graph_state[name], eager_state[name]) for name in graph_state)
+    assert [read_results(run)["machine"]["training_step"] for run in runs.values()] == ["CUDA graph", "eager"]
 
 
 def test_cpu_and_accelerator_agree_on_one_checkpoint(accelerator, reference_run, tiny_mnist):
@@ -2122,6 +2148,87 @@ def test_cpu_and_accelerator_agree_on_one_checkpoint(accelerator, reference_run,
     assert losses_there == pytest.approx(cpu_losses, abs=1e-3)  # per image
     torch.testing.assert_close(digits_there, cpu_digits, rtol=0, atol=1e-4)  # the same digits
     torch.testing.assert_close(iw_there, cpu_iw, rtol=0, atol=1e-3)
+
+
+@pytest.fixture
+def cuda_graphs_on_the_cpu(monkeypatch):
+    """torch.cuda's streams, random state and graphs as graphed_step sees them, played on the CPU: the warm-up
+    steps run for real, and capture (`torch.cuda.graph`) raises or only notes the steps taken inside it."""
+    captured = []
+
+    @contextlib.contextmanager
+    def graph(_, fails):
+        if fails:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        captured.append([])
+        yield
+        captured.append(None)
+    for name, fake in {"get_rng_state": torch.get_rng_state, "set_rng_state": torch.set_rng_state,
+                       "synchronize": lambda: None, "Stream": object, "stream": lambda _: contextlib.nullcontext(),
+                       "CUDAGraph": object}.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+
+    def fake(fails):
+        monkeypatch.setattr(torch.cuda, "graph", lambda g: graph(g, fails))
+        return captured
+    return fake
+
+
+def steps_from(model, optimizer, step, n, seed=5):
+    """n steps of `step` on seeded batches of 64 tiny images: the losses of each, on the CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    return [step(model, optimizer, torch.rand(64, 28, 28, generator=generator), 1.0)[0] for _ in range(n)]
+
+
+@pytest.mark.parametrize("adam_state", ["fresh", "resumed"])
+def test_where_capture_fails_training_goes_on_eagerly_from_the_same_state(adam_state, cuda_graphs_on_the_cpu,
+                                                                            capsys):
+    cuda_graphs_on_the_cpu(fails=True)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = VAE()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        if adam_state == "resumed":  # Adam's moments and step count exist before the capture
+            steps_from(model, optimizer, vae_lstm.train_step, 1)
+        models.append((model, optimizer))
+    x = torch.rand(64, 28, 28)
+    torch.manual_seed(1)  # the noise of the steps below, which the warm-up steps draw from too
+    step = vae_lstm.graphed_step(*models[0], x, 1.0)  # three warm-up steps, then capture raises
+    assert step is vae_lstm.train_step
+    one_line = capsys.readouterr().out.strip().splitlines()
+    assert one_line == ["note: no CUDA graph of the training step (operation not permitted when stream is "
+                        "capturing); it runs eagerly"]
+    (model, optimizer), (untouched, its_optimizer) = models
+    assert optimizer.param_groups[0]["capturable"] is False
+    after_fallback = steps_from(model, optimizer, step, 3)
+    torch.manual_seed(1)
+    assert all(map(torch.equal, after_fallback, steps_from(untouched, its_optimizer, vae_lstm.train_step, 3)))
+    assert all(map(torch.equal, model.state_dict().values(), untouched.state_dict().values()))
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b
+               for a, b in zip(tree_leaves(optimizer.state_dict()), tree_leaves(its_optimizer.state_dict())))
+
+
+def test_the_graph_captures_train_step_itself(cuda_graphs_on_the_cpu, monkeypatch):
+    captured = cuda_graphs_on_the_cpu(fails=False)
+    calls, train_step = [], vae_lstm.train_step
+    monkeypatch.setattr(vae_lstm, "train_step", lambda *args: calls.append(len(captured)) or train_step(*args))
+    model = VAE()
+    vae_lstm.graphed_step(model, torch.optim.Adam(model.parameters(), fused=True), torch.rand(64, 28, 28), 1.0)
+    assert calls == [0, 0, 0, 1] and captured == [[], None]  # three warm-up steps, then one inside the capture
+
+
+def test_the_cpu_step_is_never_graphed(tiny_mnist, tmp_path, monkeypatch):
+    monkeypatch.setattr(vae_lstm, "graphed_step", lambda *args: pytest.fail("a CUDA graph on the CPU"))
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "1")) == 0
+    assert read_results(tmp_path)["machine"]["training_step"] == "eager"
+
+
+def test_no_cuda_graph_is_a_train_flag_named_in_help(capsys):
+    assert vae_lstm.parse_args(["train"]).cuda_graph and not vae_lstm.parse_args(["train", "--no-cuda-graph"]).cuda_graph
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--no-cuda-graph" in capsys.readouterr().out
 
 
 def test_the_training_step_never_waits_for_the_gpu():
@@ -2185,7 +2292,7 @@ def test_the_defaults_are_those_of_the_readme():
 ])
 def test_impossible_design_combinations_are_usage_errors(flags, words, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
-        main(["train", "--out", str(tmp_path / "run"), *flags])
+        main(["train", "--device", "cpu", "--out", str(tmp_path / "run"), *flags])
     assert stopped.value.code == 2 and not (tmp_path / "run").exists()
     one_error_line(capsys.readouterr(), "error", *words)
 

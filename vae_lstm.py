@@ -235,12 +235,13 @@ def train_step(model, optimizer, x, kl_weight):
     return torch.stack((total, bce, kl)).detach(), finite
 
 
-def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch, binarize=False):
-    """One pass over the images in a fresh random order (with binarize, pixels drawn afresh as Bernoulli(grey
-    value), Burda et al., 2016); per-image losses. A non-finite step stops the run at the epoch's end."""
+def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch, binarize=False, step=train_step):
+    """One pass of `step` (train_step, or its CUDA graph) over the images in a fresh random order (with binarize,
+    pixels drawn afresh as Bernoulli(grey value), Burda et al., 2016); per-image losses. A non-finite step stops
+    the run at the epoch's end."""
     model.train()
     batches = torch.randperm(len(images)).to(images.device).split(batch_size)
-    steps = [train_step(model, optimizer, torch.bernoulli(images[index]) if binarize else images[index], kl_weight)
+    steps = [step(model, optimizer, torch.bernoulli(images[index]) if binarize else images[index], kl_weight)
              for index in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None)]
     batch_losses = torch.stack([losses for losses, _ in steps]).cpu()
     finite = torch.stack([finite for _, finite in steps]).cpu()
@@ -274,11 +275,12 @@ def evaluate(model, images, kl_weight=1.0):
     return per_image(torch.stack(batch_losses), len(images))
 
 
-def fit(config, model, train_images, val_images, out, state=None):
-    """Train with early stopping on the validation total, from scratch or from the state of last.pt;
-    best_model.pt keeps the best epoch, last.pt everything needed to resume. The history, and why it stopped."""
+def fit(config, model, train_images, val_images, out, state=None, graph=False):
+    """Train with early stopping on the validation total, from scratch or from last.pt's state, with the step as a
+    CUDA graph if `graph`; best_model.pt keeps the best epoch, last.pt what a resume needs. The history, why it
+    stopped, which step trained."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], fused=True)
-    first_epoch, history, stopper = 1, [], EarlyStopping(config["patience"])
+    first_epoch, history, stopper, step = 1, [], EarlyStopping(config["patience"]), None
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -289,15 +291,17 @@ def fit(config, model, train_images, val_images, out, state=None):
         if stopper.should_stop:
             break
         start = time.perf_counter()
-        train = train_epoch(model, optimizer, train_images, config["batch_size"], config["kl_weight"], epoch,
-                            config["binarize"])
+        step = step or (graphed_step(model, optimizer, train_images[:config["batch_size"]].clone(),
+                                     config["kl_weight"]) if graph else train_step)
+        trained = train_epoch(model, optimizer, train_images, config["batch_size"], config["kl_weight"], epoch,
+                              config["binarize"], step)
         train_seconds = time.perf_counter() - start
         val = evaluate(model, val_images, config["kl_weight"])
         improved = stopper.step(val["total"])
         if improved:
             save_checkpoint({"config": config, "model": model.state_dict(), "epoch": epoch, "val_loss": val["total"]},
                             out / "best_model.pt")
-        history.append({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
+        history.append({"epoch": epoch, **{f"train_{k}": v for k, v in trained.items()},
                         **{f"val_{k}": v for k, v in val.items()},
                         "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
         save_checkpoint({"config": config, "epoch": epoch, "model": model.state_dict(),
@@ -305,12 +309,13 @@ def fit(config, model, train_images, val_images, out, state=None):
                          "bad_epochs": stopper.bad_epochs, "history": history, "rng": rng_states(train_images.device)},
                         out / "last.pt")
         write_csv(history, out / "history.csv")
-        print(f"epoch {epoch:2d}/{config['epochs']}  train bce {train['bce']:6.2f} kl {train['kl']:5.2f} "
-              f"total {train['total']:6.2f}  |  val bce {val['bce']:6.2f} kl {val['kl']:5.2f} "
+        print(f"epoch {epoch:2d}/{config['epochs']}  train bce {trained['bce']:6.2f} kl {trained['kl']:5.2f} "
+              f"total {trained['total']:6.2f}  |  val bce {val['bce']:6.2f} kl {val['kl']:5.2f} "
               f"total {val['total']:6.2f}  {history[-1]['seconds']:5.1f}s{'  best' if improved else ''}", flush=True)
+    kind = None if step is None else "eager" if step is train_step else "CUDA graph"
     if stopper.should_stop:
-        return history, f"early stopping: no better validation total in {config['patience']} epochs"
-    return history, f"reached --epochs {config['epochs']}"
+        return history, f"early stopping: no better validation total in {config['patience']} epochs", kind
+    return history, f"reached --epochs {config['epochs']}", kind
 
 
 def plot_losses(history, best_epoch, path):
@@ -405,7 +410,9 @@ def train(args):
               f"{' (binarized)' if config['binarize'] else ''}; device {device} ({where['device']}); "
               f"writing to {out}", flush=True)
 
-        history, stop_reason = fit(config, VAE(config).to(device), train_images, measured["val"], out, state)
+        history, stop_reason, where["training_step"] = fit(config, VAE(config).to(device), train_images,
+                                                           measured["val"], out, state,
+                                                           device.type == "cuda" and args.cuda_graph)
 
         start = time.perf_counter()
         model, results = measure_best_model(out, measured, device, config["kl_weight"])
@@ -701,11 +708,12 @@ def draw_codes(mixture, n, generator):
 
 
 def fit_prior(model, train_images, val_images, components):
-    """The mixture fitted to the mean codes of the training images, and the record of its fit: the mean
+    """The mixture fitted to the mean codes of the training images, encoded on the CPU (another device's codes
+    differ by rounding, and EM follows them: one checkpoint, one mixture), and the record of its fit: the mean
     log-likelihood of a training and of a held-out validation code, iterations, seconds (encoding included)."""
-    start = time.perf_counter()
-    mixture, log_likelihoods = fit_mixture(encode_split(model, train_images)[0], components)
-    held_out = mixture.log_prob(encode_split(model, val_images)[0].cpu().double()).mean().item()
+    start, model = time.perf_counter(), copy.deepcopy(model).cpu()
+    mixture, log_likelihoods = fit_mixture(encode_split(model, train_images.cpu())[0], components)
+    held_out = mixture.log_prob(encode_split(model, val_images.cpu())[0].double()).mean().item()
     return mixture, {"components": components, "train_log_likelihood": log_likelihoods[-1], "val_log_likelihood":
                      held_out, "iterations": len(log_likelihoods), "seconds": time.perf_counter() - start}
 
@@ -1181,6 +1189,45 @@ def machine(device):
     return where
 
 
+def graphed_step(model, optimizer, x, kl_weight):
+    """train_step as one CUDA graph, replayed for each batch of x's shape (a short last batch eagerly): its ~185
+    kernels launched at once, not one by one, with the same bits (docs/study.md). Captured after warm-up steps,
+    which make Adam's state; the weights, that state and CUDA's random state are then put back as they were.
+    Where capture fails, train_step."""
+    weights = [parameter.detach().clone() for parameter in model.parameters()]
+    moments = {key: {name: value.clone() for name, value in state.items()} for key, state in optimizer.state.items()}
+    random_state = torch.cuda.get_rng_state()
+    try:
+        torch.cuda.synchronize()
+        with torch.cuda.stream(torch.cuda.Stream()):  # the warm-up off the default stream, as capture needs
+            for _ in range(3):
+                train_step(model, optimizer, x, kl_weight)
+        torch.cuda.synchronize()
+        graph, optimizer.param_groups[0]["capturable"] = torch.cuda.CUDAGraph(), True  # fused Adam ignores it
+        with torch.cuda.graph(graph):
+            outputs = train_step(model, optimizer, x, kl_weight)
+    except Exception as error:  # an old driver, a library that cannot be captured: slower, the same numbers
+        print(f"note: no CUDA graph of the training step ({gist(error)}); it runs eagerly", flush=True)
+        return train_step
+    finally:
+        optimizer.param_groups[0]["capturable"] = False  # as last.pt stores it: a resumed run may go on on a CPU
+        with torch.no_grad():
+            for parameter, weight in zip(model.parameters(), weights):
+                parameter.copy_(weight)
+            for key, state in optimizer.state.items():  # a fresh run's Adam state was zeros
+                for name, value in state.items():
+                    value.copy_(moments[key][name]) if key in moments else value.zero_()
+        torch.cuda.set_rng_state(random_state)
+
+    def replay(model, optimizer, batch, kl_weight):
+        if batch.shape != x.shape:
+            return train_step(model, optimizer, batch, kl_weight)
+        x.copy_(batch)
+        graph.replay()
+        return tuple(output.clone() for output in outputs)  # the next replay overwrites them
+    return replay
+
+
 def rng_states(device):
     """The random states that a resumed run needs: the CPU's (batch order) and the training device's (noise)."""
     states = {"cpu": torch.get_rng_state()}
@@ -1268,6 +1315,9 @@ def parse_args(argv=None):
                         help="the report's first encoder: mu and log sigma^2 are the two directions' final states")
     design.add_argument("--no-decoder-fc", dest="decoder_fc", action="store_false",
                         help="the report's first decoder: z enters the first transposed convolution directly")
+    train_parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                              help="on CUDA, launch the training step's kernels one by one, not as one CUDA graph: "
+                                   "the same numbers, about 9 times slower")
     train_parser.add_argument("--resume", action="store_true",
                               help="continue the run in --out, with the same settings; a larger --epochs trains more")
     train_parser.add_argument("--out", default="runs/lstm_vae", help="folder for the checkpoints, logs and figures")
