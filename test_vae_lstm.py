@@ -673,7 +673,7 @@ def test_the_best_model_is_tested_not_the_last(tiny_mnist, tmp_path, monkeypatch
     best, _ = vae_lstm.load_model(tmp_path / "best_model.pt", "cpu")
     last = VAE().eval()
     last.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True)["model"])
-    assert results["best_epoch"] == 1 and results["test"] == evaluate(best, test_images)
+    assert results["best_epoch"] == 1 and losses(results)["test total"] == evaluate(best, test_images)["total"]
     assert results["test"]["total"] < evaluate(last, test_images)["total"] - 100
 
 
@@ -829,9 +829,9 @@ def test_each_published_model_gives_its_published_test_numbers(run, real_test_im
     folder = vae_lstm.PUBLISHED / run
     model, config = vae_lstm.load_model(folder / "best_model.pt", "cpu")
     published = json.loads((folder / "results.json").read_text())
-    assert config == published["config"] and (folder / "best_model.pt").stat().st_size < 2**20
+    assert config == {**CONFIG, **published["config"]} and (folder / "best_model.pt").stat().st_size < 2**20
     measured = evaluate(model, vae_lstm.as_measured(real_test_images, config), config["kl_weight"])
-    assert measured == pytest.approx(published["test"], abs=1e-3)  # nats per image
+    assert measured == pytest.approx({part: published["test"][part] for part in measured}, abs=1e-3)  # per image
 
 
 def test_the_published_models_are_those_of_the_readme():
@@ -846,7 +846,8 @@ def test_each_shipped_variant_is_the_model_of_its_results_and_has_a_score(run):
     folder = vae_lstm.PUBLISHED / run
     model, config = vae_lstm.load_model(folder / "best_model.pt", "cpu")
     results = json.loads((folder / "results.json").read_text())
-    assert config == results["config"] and sum(p.numel() for p in model.parameters()) == results["parameters"]
+    assert config == {**CONFIG, **results["config"]} and sum(p.numel() for p in model.parameters()) == results[
+        "parameters"]
     assert (folder / "best_model.pt").stat().st_size <= 1.5 * 2**20 and set(results["score"]) == {
         "samples", "mixture", "reconstructions"}
     assert results["mixture_fit"]["components"] == vae_lstm.MIXTURE_COMPONENTS
@@ -958,7 +959,8 @@ def test_the_summary_table_puts_the_report_on_the_left_and_the_run_on_the_right(
         report, this_run = row.split("|")
         assert report.split()[0] == name
         assert [float(cell) for cell in report.split()[1:]] == list(vae_lstm.REPORT_RESULTS[split].values())
-        assert [float(cell) for cell in this_run.split()] == pytest.approx(list(results[split].values()), abs=0.005)
+        assert [float(cell) for cell in this_run.split()] == pytest.approx(
+            [results[split][part] for part in ("bce", "kl", "total")], abs=0.005)
 
 
 # The nine losses of the tiny reference run by the code before --binarize and the design flags existed, on an
@@ -1622,10 +1624,12 @@ def test_a_variant_is_named_by_the_train_flags_that_build_it(flags):
 
 
 def copy_of_run(run, folder, seed, test_total, iw_samples=None, iw_bound=None):
-    """A run folder whose JSON files are `run`'s, but for its seed, its test total and its evaluation.json."""
+    """A run folder whose JSON files are `run`'s, but for its seed, its test total (its BCE the rest), and its
+    evaluation.json."""
     folder.mkdir()
     results = read_results(run)
     results["config"]["seed"], results["test"]["total"] = seed, test_total
+    results["test"]["bce"] = test_total - results["test"]["kl"]
     (folder / "results.json").write_text(json.dumps(results))
     (folder / "exploration.json").write_bytes((run / "exploration.json").read_bytes())
     if iw_samples:
@@ -1662,7 +1666,9 @@ def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_r
     def table_row(name, runs_of_variant, iw):
         results = [read_results(run) for run in runs_of_variant]
         explorations = [json.loads((run / "exploration.json").read_text()) for run in runs_of_variant]
-        cells = [cell(results, lambda r: r["test"][part]) for part in ("total", "bce", "kl")]
+        cells = [cell(results, lambda r: r["test"]["bce"] + r["test"]["kl"])]  # the ELBO, at KL weight 1
+        cells += [cell(results, lambda r: r["test"][part]) for part in ("bce", "kl", "mutual_information",
+                                                                         "marginal_kl")]
         cells += [iw, *(cell(results, lambda r: r["score"][kind][name]) for kind, name in (
             ("samples", "frechet"), ("samples", "recognised"), ("mixture", "frechet"), ("mixture", "recognised"),
             ("reconstructions", "frechet")))]
@@ -1672,9 +1678,9 @@ def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_r
         return f"| {name} | {len(runs_of_variant)} | {' | '.join(cells)} | {where} |"
 
     assert table == [
-        "| variant | runs | test_total | test_bce | test_kl | iw | samples_frechet | samples_recognised "
-        "| mixture_frechet | mixture_recognised | reconstructions_frechet | active_units | best_epoch "
-        "| seconds_per_epoch | device |", "|---" * 15 + "|",
+        "| variant | runs | test_elbo | test_bce | test_kl | test_mutual_information | test_marginal_kl | iw "
+        "| samples_frechet | samples_recognised | mixture_frechet | mixture_recognised | reconstructions_frechet "
+        "| active_units | best_epoch | seconds_per_epoch | device |", "|---" * 17 + "|",
         table_row("report", runs[:2], "240.00"),  # the bound of the one run that has one
         table_row(small_name, runs[2:], "")]
     assert (tmp_path / "study" / "digits.pdf").read_bytes().startswith(b"%PDF")
@@ -1686,7 +1692,7 @@ def test_compare_averages_no_importance_weighted_figures_of_different_k(referenc
                 for seed, k in enumerate(ks)]
         assert main(["compare", *map(str, runs)]) == 0
         row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| report |"))
-        return [cell.strip() for cell in row.strip("|").split("|")][5]  # variant, runs, 3 losses, then iw
+        return [cell.strip() for cell in row.strip("|").split("|")][7]  # variant, runs, 5 losses, then iw
 
     assert iw_cell(3, 4) == "K differs"
     assert iw_cell(3, 3) == f"260.50 ± {math.sqrt(0.5):.2f}"

@@ -46,6 +46,7 @@ CONFIG = {  # every setting a run's numbers depend on: train's flags, stored in 
     "decoder_fc": True,  # Linear(latent_dim, 64) + ReLU before the transposed convolutions (section 1.3)
     "latent_dim": 64,  # size of z (section 1.2; its code's encoder_fc_out_size)
     "hidden_size": 64,  # LSTM units per direction ("64 is selected as hidden size", section 1.1; its code's zdim)
+    "conv_encoder": False,  # the decoder's mirror as encoder, the report's "convolutional encoders" (section 4)
     "binarize": False,  # binary pixels, as in the VAE papers (beyond the report)
     "epochs": 50,  # at most (section 2)
     "patience": 10,  # early stopping: epochs without a better validation total
@@ -104,10 +105,14 @@ class VAE(nn.Module):
             raise ValueError(impossible)
         latent_dim, hidden_size, self.encoder_fc = config["latent_dim"], config["hidden_size"], config["encoder_fc"]
         self.latent_dim = latent_dim
-        # Encoder: the 28 image rows are the LSTM's sequence of 28-pixel steps.
-        self.encoder_lstm = nn.LSTM(28, hidden_size, batch_first=True, bidirectional=config["bidirectional"])
+        if config["conv_encoder"]:  # 28x28 -> 14x14 -> 7x7 -> 4x4 -> 64x1x1: the decoder's layers, mirrored
+            self.encoder_conv = nn.Sequential(*(module for conv in (
+                nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.Conv2d(16, 32, 4, stride=2, padding=1),
+                nn.Conv2d(32, 64, 4), nn.Conv2d(64, 64, 4)) for module in (conv, nn.ReLU())), nn.Flatten())
+        else:  # the report's encoder: the 28 image rows are the LSTM's sequence of 28-pixel steps
+            self.encoder_lstm = nn.LSTM(28, hidden_size, batch_first=True, bidirectional=config["bidirectional"])
         if self.encoder_fc:
-            final_states = hidden_size * (2 if config["bidirectional"] else 1)
+            final_states = 64 if config["conv_encoder"] else hidden_size * (2 if config["bidirectional"] else 1)
             self.encoder_mu = nn.Linear(final_states, latent_dim)
             self.encoder_logvar = nn.Linear(final_states, latent_dim)
         # Decoder: z -> 64x1x1 (latent_dim x 1 x 1 without decoder_fc) -> 4x4 -> 7x7 -> 14x14 -> 28x28.
@@ -121,6 +126,9 @@ class VAE(nn.Module):
 
     def encode(self, x):
         """(B, 28, 28) or (B, 1, 28, 28) images -> mu, logvar of q(z|x), each (B, latent_dim)."""
+        if hasattr(self, "encoder_conv"):
+            features = self.encoder_conv(x.reshape(-1, 1, 28, 28))
+            return self.encoder_mu(features), self.encoder_logvar(features)
         _, (hidden, _) = self.encoder_lstm(x.reshape(-1, 28, 28))
         if not self.encoder_fc:  # the report's first encoder: the forward direction is mu, the backward one logvar
             return hidden[0], hidden[1]
@@ -146,6 +154,11 @@ class VAE(nn.Module):
 
 def design_error(config):
     """Why the model of a config cannot be built, or None."""
+    lstm_flags = {"--unidirectional": not config["bidirectional"], "--no-encoder-fc": not config["encoder_fc"],
+                  "--hidden-size": config["hidden_size"] != CONFIG["hidden_size"]}
+    if config["conv_encoder"] and any(lstm_flags.values()):
+        return (f"--conv-encoder replaces the LSTM, so it takes none of its flags "
+                f"({', '.join(flag for flag, given in lstm_flags.items() if given)} given)")
     if not config["encoder_fc"] and not config["bidirectional"]:
         return ("--no-encoder-fc takes mu and log sigma^2 from the two directions: it needs the bidirectional "
                 "LSTM, not --unidirectional")
@@ -424,6 +437,7 @@ def train(args):
                        train_images_per_second=len(train_images) * len(history) / train_seconds,
                        parameters=sum(parameter.numel() for parameter in model.parameters()), machine=where,
                        config=config)
+        results["test"].update(elbo_surgery(*encode_split(model, measured["test"]), results["test"]["kl"]))
         prior, results["mixture_fit"] = fit_prior(model, measured["train"], measured["val"], MIXTURE_COMPONENTS)
         results["score"] = score(model, measured["test"], test_images, classifier, prior)
         write_json(results, out / "results.json")
@@ -434,7 +448,8 @@ def train(args):
         exploration = explore(model, measured["test"], test_labels, out, out / "best_model.pt")
     print(f"\n{stop_reason}; best epoch {best} of {len(history)}; {results['seconds']:.0f}s, "
           f"{results['train_images_per_second']:.0f} training images/s")
-    print(f"per-image losses of the best model (nats):\n{summary_table(results)}\n{score_line(results['score'])}")
+    print(f"per-image losses of the best model (nats):\n{summary_table(results)}\ntest {surgery_line(results['test'])}"
+          f"\n{score_line(results['score'])}")
     print(active_units_line(exploration))
     print(f"written to {out}: best_model.pt, last.pt, history.csv, results.json, loss_plot.png, "
           f"train_reconstruction.png, test_reconstruction.png, generated.png, {', '.join(EXPLORATION_FILES)}")
@@ -536,8 +551,9 @@ def evaluate_command(args):
     splits = {split: as_measured(images, config).to(device) for split, images in
               (("train", train_images), ("val", val_images), ("test", test_images))}
     images = splits[args.split]
+    losses = evaluate(model, images, config["kl_weight"])
     evaluation = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(images),
-                  "binarize": config["binarize"], **evaluate(model, images, config["kl_weight"]),
+                  "binarize": config["binarize"], **losses, **elbo_surgery(*encode_split(model, images), losses["kl"]),
                   "machine": machine(device)}
     line = (f"{args.split}: {len(images)}{' binarized' if config['binarize'] else ''} images, per image: "
             f"BCE {evaluation['bce']:.2f}, KL {evaluation['kl']:.2f}, total {evaluation['total']:.2f}")
@@ -554,7 +570,8 @@ def evaluate_command(args):
     evaluation["score"] = score(model, images, test_images, classifier, prior,
                                 json_path.with_name("digits_by_confidence.png"))
     write_json(evaluation, json_path)
-    print(f"{line}\n{score_line(evaluation['score'])}\nwritten to {json_path} and digits_by_confidence.png beside it")
+    print(f"{line}\n{surgery_line(evaluation)}\n{score_line(evaluation['score'])}\nwritten to {json_path} and "
+          f"digits_by_confidence.png beside it")
 
 
 # ------------------------------------------- The latent space: interpolation, a map by digit, the dimensions used
@@ -656,6 +673,32 @@ def explore_command(args):
     exploration = explore(model, as_measured(images, config).to(device), labels, out, args.checkpoint)
     print(f"{active_units_line(exploration)}; KL {exploration['kl']:.2f} nats per image")
     print(f"written to {out}: {', '.join(EXPLORATION_FILES)}")
+
+
+# ------------------------------- The KL term, split: what the codes carry and what the prior misses (ELBO surgery)
+
+SURGERY_PAIRS = 10_000_000  # log q(z_i | x_j) for this many pairs (i, j) at a time: 80 MB of float64
+
+@torch.no_grad()
+def elbo_surgery(mus, logvars, kl):
+    """Hoffman & Johnson's (2016) split of a split's mean KL term `kl`: I(x; z), the information the codes carry
+    about their image, mean log q(z_i|x_i) - log q(z_i) with one z_i ~ q(z|x_i) per image from EVAL_SEED and q(z)
+    the mean of all N posteriors (so I <= log N), and the rest, KL(q(z) || N(0, I)): the prior's holes."""
+    mus, logvars = mus.cpu().double(), logvars.cpu().double()
+    noise = torch.randn(mus.shape, generator=torch.Generator().manual_seed(EVAL_SEED), dtype=torch.float64)
+    z, precisions = mus + (0.5 * logvars).exp() * noise, (-logvars).exp()
+    # -2 log q(z_i | x_j) = sum_d (z_id - mu_jd)^2 / sigma_jd^2 + log sigma_jd^2 (+ d log 2 pi, which cancels),
+    # expanded into one matrix product of [z^2, z] with [1 / sigma^2, -2 mu / sigma^2]
+    weights, constants = torch.cat((precisions, -2 * mus * precisions), 1), (mus.pow(2) * precisions + logvars).sum(1)
+    log_aggregate = torch.cat([torch.addmm(constants, torch.cat((block.pow(2), block), 1), weights.T).mul(-0.5)
+                               .logsumexp(1) for block in z.split(max(1, SURGERY_PAIRS // len(z)))]) - math.log(len(z))
+    information = (-0.5 * (noise.pow(2) + logvars).sum(1) - log_aggregate).mean().item()
+    return {"mutual_information": information, "marginal_kl": kl - information}
+
+
+def surgery_line(losses):
+    return (f"KL {losses['kl']:.2f} = I(x; z) {losses['mutual_information']:.2f} (what the codes carry) + "
+            f"KL(q(z) || N(0, I)) {losses['marginal_kl']:.2f} (the prior's holes)")
 
 
 # ---------------------- A prior fitted to the codes (generate --prior mixture; Ghosh et al., 2020, "ex-post density")
@@ -860,14 +903,15 @@ def classifier_command(args):
 
 # ---------------------------------------- Comparing runs: one row per run, the mean of each variant, their digits
 
-COMPARED = ("test_total", "test_bce", "test_kl", "iw", "samples_frechet", "samples_recognised", "mixture_frechet",
+COMPARED = ("test_elbo", "test_bce", "test_kl", "test_mutual_information", "test_marginal_kl", "iw", "samples_frechet", "samples_recognised", "mixture_frechet",
             "mixture_recognised", "reconstructions_frechet", "active_units", "best_epoch", "seconds_per_epoch")
 
 
 def variant_name(config):
     """The train flags that built a run's model and data, or "report" for the report's own."""
     latent_dim, hidden_size = config["latent_dim"], config["hidden_size"]
-    flags = {"--binarize": config["binarize"], "--unidirectional": not config["bidirectional"],
+    flags = {"--binarize": config["binarize"], f"--kl-weight {config['kl_weight']:g}": config["kl_weight"] != 1,
+             "--conv-encoder": config["conv_encoder"], "--unidirectional": not config["bidirectional"],
              f"--hidden-size {hidden_size}": hidden_size != CONFIG["hidden_size"],
              f"--latent-dim {latent_dim}": config["encoder_fc"] and latent_dim != CONFIG["latent_dim"],
              "--no-encoder-fc": not config["encoder_fc"], "--no-decoder-fc": not config["decoder_fc"]}
@@ -878,11 +922,13 @@ def run_row(folder):
     """A run folder of train's (and evaluate's) as one flat row."""
     results = read_json(folder / "results.json")
     evaluation = read_json(folder / "evaluation.json") if (folder / "evaluation.json").is_file() else {}
-    return {"run": folder.name, "variant": variant_name(results["config"]), "seed": results["config"]["seed"],
+    return {"run": folder.name, "variant": variant_name({**CONFIG, **results["config"]}), "seed": results["config"]["seed"],
             "parameters": results["parameters"], "best_epoch": results["best_epoch"],
             "epochs_run": results["epochs_run"],
             **{f"{split}_{part}": results[split][part] for split in ("train", "val", "test")
                for part in ("bce", "kl", "total")},
+            "test_elbo": results["test"]["bce"] + results["test"]["kl"],  # -ELBO at KL weight 1, whatever it trained at
+            **{f"test_{part}": results["test"].get(part) for part in ("mutual_information", "marginal_kl")},
             "iw_samples": evaluation.get("iw_samples"), "iw": evaluation.get("iw_nll", evaluation.get("iw_bound")),
             "iw_is": "-log p(x)" if "iw_nll" in evaluation else "bound" if "iw_bound" in evaluation else None,
             "iw_seconds": evaluation.get("iw_seconds"),
@@ -1133,8 +1179,9 @@ def resumable_state(config, out):
     state = read_checkpoint(out / "last.pt")
     if not isinstance(state, dict) or "config" not in state:
         raise UserError(f"{out / 'last.pt'} is not a run's last.pt")
-    changed = [f"{name} {state['config'].get(name)} there, {value} here"
-               for name, value in config.items() if name != "epochs" and state["config"].get(name) != value]
+    there = {**CONFIG, **state["config"]}  # a setting added since that run was trained has its default there
+    changed = [f"{name} {there[name]} there, {value} here"
+               for name, value in config.items() if name != "epochs" and there[name] != value]
     if changed:
         raise UserError(f"--resume: {out} was trained with other settings ({'; '.join(changed)})")
     if state["epoch"] > config["epochs"]:
@@ -1315,6 +1362,8 @@ def parse_args(argv=None):
                         help="the report's first encoder: mu and log sigma^2 are the two directions' final states")
     design.add_argument("--no-decoder-fc", dest="decoder_fc", action="store_false",
                         help="the report's first decoder: z enters the first transposed convolution directly")
+    design.add_argument("--conv-encoder", action="store_true", help="the decoder's four convolutions mirrored as "
+                        "encoder, in place of the LSTM (the report's proposed remedy, section 4)")
     train_parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                               help="on CUDA, launch the training step's kernels one by one, not as one CUDA graph: "
                                    "the same numbers, about 9 times slower")
