@@ -132,6 +132,7 @@ def reference_copy(reference_run, tmp_path):
 
 
 VARIANTS = {"small": ["--unidirectional", "--hidden-size", "16", "--latent-dim", "8", "--no-decoder-fc"],
+            "conv": ["--conv-encoder", "--latent-dim", "8", "--kl-weight", "2"],
             "first-encoder": ["--no-encoder-fc", "--hidden-size", "16"]}
 
 
@@ -424,8 +425,10 @@ def decoder_parameters(first_channels):  # the transposed convolutions: 4x4 kern
     (["--hidden-size", "128"],
      lstm_parameters(128, 2) + 2 * linear_parameters(256, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
     (["--no-encoder-fc", "--hidden-size", "16", "--no-decoder-fc"], lstm_parameters(16, 2) + decoder_parameters(16)),
+    (["--conv-encoder"], sum(i * o * 16 + o for i, o in ((1, 16), (16, 32), (32, 64), (64, 64)))
+     + 2 * linear_parameters(64, 64) + linear_parameters(64, 64) + decoder_parameters(64)),
 ], ids=["report", "unidirectional", "no-encoder-fc", "no-decoder-fc", "latent-16", "hidden-32", "hidden-128",
-        "report-first-model"])
+        "report-first-model", "conv-encoder"])
 def test_each_design_flag_builds_the_parameters_it_should(flags, expected):
     model = VAE(vae_lstm.config_of(vae_lstm.parse_args(["train", *flags])))
     assert sum(p.numel() for p in model.parameters()) == expected
@@ -433,6 +436,10 @@ def test_each_design_flag_builds_the_parameters_it_should(flags, expected):
     assert recon.shape == (3, 1, 28, 28) and mu.shape == logvar.shape == (3, model.latent_dim)
     if not flags:
         assert expected == 175_665
+    if flags == ["--conv-encoder"]:
+        assert expected == 226_273 and not hasattr(model, "encoder_lstm")
+        assert [layer.stride for layer in model.encoder_conv if isinstance(layer, torch.nn.Conv2d)] == [
+            (2, 2), (2, 2), (1, 1), (1, 1)]  # 28 -> 14 -> 7 -> 4 -> 1, the decoder's sizes backwards
 
 
 class ReportCodeVAE(torch.nn.Module):
@@ -460,7 +467,7 @@ def test_variants_the_report_code_can_build_load_strictly_into_it(flags, report_
     ReportCodeVAE(**report_arguments).load_state_dict(model.state_dict(), strict=True)
 
 
-@pytest.mark.parametrize("name, latent_dim", [("small", 8), ("first-encoder", 16)])
+@pytest.mark.parametrize("name, latent_dim", [("small", 8), ("first-encoder", 16), ("conv", 8)])
 def test_a_variant_round_trips_through_its_checkpoint(name, latent_dim, variant_runs, tiny_mnist, tmp_path):
     run = variant_runs[name]
     results, checkpoint = read_results(run), run / "best_model.pt"
@@ -1290,6 +1297,72 @@ def test_a_test_set_that_lacks_a_digit_is_not_mnist(reference_run, tiny_mnist, t
     one_error_line(capsys.readouterr(), "the test set lacks the digits [9]: not MNIST")
 
 
+# ------------------------------- The KL term, split: what the codes carry and what the prior misses (ELBO surgery)
+
+def test_posteriors_all_alike_carry_no_information_and_the_kl_is_all_the_prior_s():
+    mus, logvars = torch.full((500, 8), 0.7), torch.full((500, 8), -1.5)
+    split = vae_lstm.elbo_surgery(mus, logvars, kl=4.0)
+    assert split["mutual_information"] == pytest.approx(0, abs=1e-9) and split["marginal_kl"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("n", [10, 300, 2500])
+def test_posteriors_far_apart_carry_log_n_nats_the_most_that_n_images_can(n):
+    mus, logvars = torch.randn(n, 16, generator=torch.Generator().manual_seed(n)) * 1000, torch.full((n, 16), -6.0)
+    split = vae_lstm.elbo_surgery(mus, logvars, kl=30.0)
+    assert split["mutual_information"] == pytest.approx(math.log(n), abs=1e-6)
+    assert split["mutual_information"] + split["marginal_kl"] == pytest.approx(30.0)
+
+
+def test_the_surgery_of_a_model_is_at_most_log_n_and_the_same_each_time(reference_run, tiny_mnist):
+    model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
+    images = vae_lstm.load_mnist(tiny_mnist, train=False)
+    kl = evaluate(model, images)["kl"]
+    split = vae_lstm.elbo_surgery(*vae_lstm.encode_split(model, images), kl)
+    assert split["mutual_information"] <= math.log(len(images))  # each log q(z_i) >= log q(z_i | x_i) - log N
+    assert split == vae_lstm.elbo_surgery(*vae_lstm.encode_split(model, images), kl)  # from EVAL_SEED
+
+
+def test_the_surgery_takes_seconds_and_bounded_memory_for_ten_thousand_images(monkeypatch):
+    blocks, addmm = [], torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *args: blocks.append(addmm(*args).numel()) or blocks[-1] and addmm(
+        *args))
+    start = time.perf_counter()
+    vae_lstm.elbo_surgery(torch.randn(10_000, 64), torch.randn(10_000, 64) - 2, kl=20.0)
+    assert time.perf_counter() - start < 20 and max(blocks) <= vae_lstm.SURGERY_PAIRS and len(blocks) == 10
+
+
+def test_evaluate_and_train_split_the_kl_as_they_print_it(reference_run, tiny_mnist, tmp_path, capsys):
+    results = read_results(reference_run[0])["test"]
+    assert results["mutual_information"] + results["marginal_kl"] == pytest.approx(results["kl"])
+    assert f"test KL {results['kl']:.2f} = I(x; z) {results['mutual_information']:.2f}" in reference_run[1]
+    assert main(["evaluate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"),
+                 "--data-dir", str(tiny_mnist), "--json", str(tmp_path / "e.json")]) == 0
+    evaluation = json.loads((tmp_path / "e.json").read_text())
+    assert {k: evaluation[k] for k in results} == pytest.approx(results)  # the same split of the same test set
+    assert f"KL(q(z) || N(0, I)) {results['marginal_kl']:.2f}" in capsys.readouterr().out
+
+
+def test_the_mixture_is_fitted_to_codes_encoded_on_the_cpu_whatever_the_model_s_device(monkeypatch):
+    """Another device's codes differ by rounding, and EM follows them: so the fit encodes a CPU copy of the model."""
+    seen, encode_split = [], vae_lstm.encode_split
+    monkeypatch.setattr(vae_lstm, "encode_split", lambda model, images: seen.append(
+        (model, next(model.parameters()).device, images.device)) or encode_split(model, images))
+    model, images = VAE(), torch.rand(60, 28, 28)
+    vae_lstm.fit_prior(model, images[:50], images[50:], 2)
+    assert [(device.type, where.type) for _, device, where in seen] == [("cpu", "cpu")] * 2
+    assert all(copy is not model for copy, _, _ in seen)  # a copy: the caller's model stays on its device
+    codes = encode_split(model, images[:50])[0]
+    nudged = vae_lstm.fit_mixture(codes * (1 + 1e-6), 2)[0].component_distribution.loc  # what a GPU's rounding does
+    assert not torch.equal(nudged, vae_lstm.fit_mixture(codes, 2)[0].component_distribution.loc)
+
+
+def test_a_run_of_a_version_before_a_setting_resumes_with_its_default(reference_copy, tiny_mnist):
+    last = torch.load(reference_copy / "last.pt", weights_only=True)
+    del last["config"]["conv_encoder"]  # as the runs trained before --conv-encoder hold it
+    torch.save(last, reference_copy / "last.pt")
+    assert main(train_args(tiny_mnist, reference_copy, "--epochs", str(TINY_EPOCHS + 1), "--resume")) == 0
+
+
 # ---------------------- A prior fitted to the codes (generate --prior mixture; Ghosh et al., 2020, "ex-post density")
 
 KNOWN_MIXTURE = {  # three Gaussians in three dimensions, of unequal weights, means apart and shapes unlike
@@ -1617,6 +1690,8 @@ def test_a_shipped_model_scores_as_on_record_and_draws_better_digits_from_the_mi
     [], ["--binarize"], ["--unidirectional"], ["--hidden-size", "32"], ["--latent-dim", "16"],
     ["--hidden-size", "16", "--no-encoder-fc"], ["--no-decoder-fc"],
     ["--binarize", "--unidirectional", "--hidden-size", "16", "--latent-dim", "8", "--no-decoder-fc"],
+    ["--kl-weight", "0.5"], ["--kl-weight", "4"], ["--kl-weight", "0"], ["--conv-encoder"],
+    ["--kl-weight", "2", "--conv-encoder", "--latent-dim", "16"],
 ], ids=lambda flags: " ".join(flags) or "report")
 def test_a_variant_is_named_by_the_train_flags_that_build_it(flags):
     config = vae_lstm.config_of(vae_lstm.parse_args(["train", *flags]))
@@ -2295,6 +2370,9 @@ def test_the_defaults_are_those_of_the_readme():
     (["--no-encoder-fc", "--unidirectional"], ["--no-encoder-fc", "--unidirectional"]),
     (["--no-encoder-fc", "--latent-dim", "16"], ["--latent-dim must equal --hidden-size", "16 and 64"]),
     (["--no-encoder-fc", "--hidden-size", "32", "--latent-dim", "64"], ["64 and 32"]),
+    (["--conv-encoder", "--unidirectional"], ["--conv-encoder replaces the LSTM", "--unidirectional given"]),
+    (["--conv-encoder", "--hidden-size", "32"], ["--conv-encoder", "--hidden-size given"]),
+    (["--conv-encoder", "--no-encoder-fc"], ["--conv-encoder", "--no-encoder-fc given"]),
 ])
 def test_impossible_design_combinations_are_usage_errors(flags, words, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:

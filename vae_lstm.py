@@ -960,22 +960,42 @@ def variant_table(rows):
     return "\n".join(lines)
 
 
-def plot_variant_samples(folders, rows, path, n=100):
-    """The n digits that `generate --n n` draws from the first run of each variant, side by side."""
+def plot_variant_samples(folders, rows, path, data_dir=None, n=100):
+    """The n digits that `generate --n n` draws from the first run of each variant, side by side; with the data,
+    below them those of `generate --prior mixture`."""
     firsts = {}
     for folder, row in zip(folders, rows):
         firsts.setdefault(row["variant"], folder)
-    columns = min(4, len(firsts))
-    rows_of_axes = math.ceil(len(firsts) / columns)
-    figure, axes = plt.subplots(rows_of_axes, columns, figsize=(3.2 * columns, 3.5 * rows_of_axes), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, (variant, folder) in zip(axes.flat, firsts.items()):
-        model, _ = load_model(folder / "best_model.pt", "cpu")
-        grid = torchvision.utils.make_grid(sample_digits(model, n, seed=0), nrow=math.isqrt(n), padding=2,
-                                           pad_value=0.5)
-        axis.imshow(grid.permute(1, 2, 0).numpy())
-        axis.set_title(variant.replace(" --", "\n--"), fontsize=9)
+    priors = ("normal", "mixture") if data_dir else ("normal",)
+    figure, axes = plt.subplots(len(priors), len(firsts), figsize=(3.2 * len(firsts), 3.5 * len(priors)),
+                                squeeze=False)
+    for column, (variant, folder) in zip(axes.T, firsts.items()):
+        model, config = load_model(folder / "best_model.pt", "cpu")
+        for axis, prior in zip(column, priors):
+            options = argparse.Namespace(prior=prior, data_dir=data_dir, components=MIXTURE_COMPONENTS)
+            grid = torchvision.utils.make_grid(sample_digits(model, n, 0, chosen_prior(options, model, config)),
+                                               nrow=math.isqrt(n), padding=2, pad_value=0.5)
+            axis.imshow(grid.permute(1, 2, 0).numpy())
+            axis.set_title(variant.replace(" --", "\n--") + ("" if prior == "normal" else "\nmixture prior"), fontsize=9)
+            axis.axis("off")
+    save_figure(figure, path)
+
+
+def plot_rate_distortion(rows, path):
+    """Alemi et al.'s (2018) plane: each run's test BCE (distortion) against its KL (rate), lines of equal ELBO."""
+    figure, axes = plt.subplots(figsize=(7, 5))
+    for index, variant in enumerate(dict.fromkeys(row["variant"] for row in rows)):
+        runs = [row for row in rows if row["variant"] == variant]
+        axes.scatter([row["test_kl"] for row in runs], [row["test_bce"] for row in runs], s=60 if variant == "report"
+                     else 25, marker="*" if variant == "report" else "o", color="k" if variant == "report" else
+                     f"C{index}", label=f"{variant} ({len(runs)} runs)", zorder=3)
+    rates = torch.tensor(axes.get_xlim())
+    for elbo in range(80, 160, 10):
+        axes.plot(rates, elbo - rates, color="grey", linewidth=0.5, linestyle=":")
+    axes.set(xlim=rates.tolist(), ylim=axes.get_ylim(), xlabel="KL, the rate (nats per test image)",
+             ylabel="BCE, the distortion (nats per test image)",
+             title="Rate against distortion; dotted: equal ELBO, every 10 nats")
+    axes.legend(fontsize=8)
     save_figure(figure, path)
 
 
@@ -985,10 +1005,13 @@ def compare_command(args):
     if args.csv:
         check_out_dir(Path(args.csv).parent)
         write_csv(rows, args.csv)
+    for path in filter(None, (args.figure, args.rate_distortion)):
+        figure_format(path)
+        check_out_dir(Path(path).parent)
     if args.figure:
-        figure_format(args.figure)
-        check_out_dir(Path(args.figure).parent)
-        plot_variant_samples(folders, rows, args.figure)
+        plot_variant_samples(folders, rows, args.figure, args.data_dir)
+    if args.rate_distortion:
+        plot_rate_distortion(rows, args.rate_distortion)
     print(variant_table(rows))
 
 
@@ -1401,7 +1424,10 @@ def parse_args(argv=None):
     compare_parser = add("compare", "runs side by side: a CSV row each, each variant's mean, their digits")
     compare_parser.add_argument("runs", nargs="+", help="run folders written by train (and evaluate)")
     compare_parser.add_argument("--csv", help="CSV to write, one row per run")
-    compare_parser.add_argument("--figure", help="figure to write: 100 digits of each variant's first run (.png, ...)")
+    compare_parser.add_argument("--figure", help="figure to write: 100 digits of each variant's first run (.png, ...), "
+                                "and with --data-dir those of the mixture fitted to its training codes below them")
+    compare_parser.add_argument("--rate-distortion", help="figure to write: each run's test BCE against its KL")
+    compare_parser.add_argument("--data-dir", help="folder holding MNIST/raw/, for --figure's mixture digits")
 
     for command in (generate_parser, evaluate_parser, explore_parser):
         command.add_argument("--checkpoint", default="runs/lstm_vae/best_model.pt",
