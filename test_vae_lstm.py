@@ -3,6 +3,7 @@
 Most tests run on tiny MNIST-format files written here; two use the real MNIST, found at $VAE_LSTM_MNIST, else
 at ../shared/mnist or ./data beside this file: a brief training, and the published models' numbers.
 """
+import argparse
 import contextlib
 import csv
 import errno
@@ -199,7 +200,8 @@ def drawn(monkeypatch):
     return figures
 
 
-PLOTS = ("plot_losses", "plot_latent_map", "plot_latent_usage", "plot_by_confidence", "plot_variant_samples")
+PLOTS = ("plot_losses", "plot_latent_map", "plot_latent_usage", "plot_by_confidence", "plot_variant_samples",
+         "plot_rate_distortion")
 
 
 @pytest.fixture(autouse=True)
@@ -1054,6 +1056,7 @@ def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path,
     checkpoint = binarized_run / "best_model.pt"
     assert torch.load(checkpoint, weights_only=True)["config"]["binarize"] is True
     evaluations, fitted = [], watched_calls(monkeypatch, "fit_mixture", 0)
+    scored_by_evaluate = watched_calls(monkeypatch, "classify", 1)
     for _ in range(2):
         assert main(["evaluate", "--device", "cpu", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist),
                      "--iw-samples", "5"]) == 0
@@ -1072,7 +1075,8 @@ def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path,
     assert evaluate(model, vae_lstm.binarize_once(grey))["total"] == pytest.approx(first["total"], rel=1e-9)
     assert evaluate(model, grey)["total"] != pytest.approx(first["total"], rel=1e-4)  # not the grey levels
     reference, _, _, reconstructions = scored  # its score: its reconstructions of binary images, against grey ones
-    assert torch.equal(reference, grey)
+    assert torch.equal(reference, grey) and torch.equal(scored_by_evaluate[0], grey)  # by train, and by evaluate
+    assert torch.equal(scored_by_evaluate[3], reconstructions)
     train_images = vae_lstm.load_train_val(tiny_mnist, 0.1, 3136)[0]  # its mixture: the codes of binary images
     assert torch.equal(fitted[0], vae_lstm.encode_split(model, vae_lstm.binarize_once(train_images))[0])
     with torch.no_grad():
@@ -1761,6 +1765,30 @@ def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_r
     assert (tmp_path / "study" / "digits.pdf").read_bytes().startswith(b"%PDF")
 
 
+def test_compare_s_csv_says_whether_the_iw_figure_is_a_likelihood_or_a_bound(reference_run, tmp_path):
+    runs = [copy_of_run(reference_run[0], tmp_path / "grey", 0, 270.0, 5, 260.0),  # iw_bound: grey levels
+            copy_of_run(reference_run[0], tmp_path / "binary", 1, 270.0), copy_of_run(reference_run[0], tmp_path / "none",
+                                                                                     2, 270.0)]
+    (runs[1] / "evaluation.json").write_text(json.dumps({"iw_samples": 5, "iw_nll": 250.0}))  # a binarized model's
+    assert main(["compare", *map(str, runs), "--csv", str(tmp_path / "runs.csv")]) == 0
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))
+    assert [(row["iw"], row["iw_is"]) for row in rows] == [("260.0", "bound"), ("250.0", "-log p(x)"), ("", "")]
+
+
+def test_compare_draws_the_rate_distortion_plane_and_the_mixture_s_digits(reference_run, variant_runs, tiny_mnist,
+                                                                         tmp_path, figures, monkeypatch):
+    drawn, plot_rate_distortion = [], vae_lstm.plot_rate_distortion
+    monkeypatch.setattr(vae_lstm, "plot_rate_distortion", lambda rows, path: drawn.append(
+        [(row["test_kl"], row["test_bce"]) for row in rows]) or plot_rate_distortion(rows, path))
+    fitted = watched_calls(monkeypatch, "fit_mixture", 0)
+    runs = [reference_run[0], variant_runs["conv"]]
+    assert main(["compare", *map(str, runs), "--rate-distortion", str(tmp_path / "plane.png"), "--figure",
+                 str(tmp_path / "digits.png"), "--data-dir", str(tiny_mnist)]) == 0
+    assert drawn == [[(read_results(run)["test"]["kl"], read_results(run)["test"]["bce"]) for run in runs]]
+    assert len(fitted) == 2  # one mixture for each variant's digits, below those of N(0, I)
+    assert Image.open(tmp_path / "plane.png").format == "PNG" and Image.open(tmp_path / "digits.png").format == "PNG"
+
+
 def test_compare_averages_no_importance_weighted_figures_of_different_k(reference_run, tmp_path, capsys):
     def iw_cell(*ks):
         runs = [copy_of_run(reference_run[0], tmp_path / f"{ks}-{seed}", seed, 270.0, k, 260.0 + seed)
@@ -2379,6 +2407,38 @@ def test_impossible_design_combinations_are_usage_errors(flags, words, tmp_path,
         main(["train", "--device", "cpu", "--out", str(tmp_path / "run"), *flags])
     assert stopped.value.code == 2 and not (tmp_path / "run").exists()
     one_error_line(capsys.readouterr(), "error", *words)
+
+
+@pytest.mark.parametrize("validator, accepted, refused", [
+    ("POSITIVE_INT", ["1"], ["0", "-1", "1.5"]), ("NATURAL", ["0", "1"], ["-1"]),
+    ("SEED", ["0", str(2**32 - 1)], ["-1", str(2**32)]), ("POSITIVE", ["1e-300", "2"], ["0", "-0.0", "inf", "nan"]),
+    ("NON_NEGATIVE", ["0", "0.0", "1e300"], ["-1e-300", "inf"]), ("FRACTION", ["1e-9", "0.999"], ["0", "1", "nan"]),
+])
+def test_each_number_type_takes_its_edge_and_refuses_just_past_it(validator, accepted, refused):
+    parse = getattr(vae_lstm, validator)
+    assert [parse(text) for text in accepted] == [float(text) if "." in text or "e" in text else int(text)
+                                                 for text in accepted]
+    for text in refused:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+def test_kl_weight_0_trains_a_plain_auto_encoder(tiny_mnist, tmp_path):
+    assert vae_lstm.parse_args(["train", "--kl-weight", "0"]).kl_weight == 0  # "a non-negative number" (README)
+    assert main(train_args(tiny_mnist, tmp_path, "--epochs", "1", "--kl-weight", "0")) == 0
+    results = read_results(tmp_path)
+    assert results["config"]["kl_weight"] == 0 and results["test"]["total"] == results["test"]["bce"]
+
+
+def test_no_default_output_points_into_docs_where_the_published_files_are():
+    docs, parsed = HERE / "docs", {command: vae_lstm.parse_args([command, *extra]) for command, extra in (
+        ("train", []), ("generate", []), ("evaluate", []), ("explore", []), ("classifier", []), ("compare", ["r"]))}
+    assert parsed["classifier"].out == "runs/classifier/classifier.pt"  # never over the shipped docs/classifier.pt
+    assert parsed["train"].out == "runs/lstm_vae" and parsed["compare"].csv is parsed["compare"].figure is None
+    assert parsed["generate"].out is parsed["evaluate"].json is parsed["explore"].out is None  # default_out's
+    for path in (parsed["train"].out, parsed["classifier"].out, vae_lstm.default_out(vae_lstm.PUBLISHED_MODEL),
+                 *(vae_lstm.default_out(model) for model in vae_lstm.PUBLISHED.glob("*/best_model.pt"))):
+        assert not Path(path).resolve().is_relative_to(docs.resolve()), path
 
 
 def github_anchors(markdown):
