@@ -988,7 +988,7 @@ def plot_rate_distortion(rows, path):
         runs = [row for row in rows if row["variant"] == variant]
         axes.scatter([row["test_kl"] for row in runs], [row["test_bce"] for row in runs], s=60 if variant == "report"
                      else 25, marker="*" if variant == "report" else "o", color="k" if variant == "report" else
-                     f"C{index}", label=f"{variant} ({len(runs)} runs)", zorder=3)
+                     f"C{index}", label=f"{variant} ({len(runs)} run{'s' if len(runs) > 1 else ''})", zorder=3)
     rates = torch.tensor(axes.get_xlim())
     for elbo in range(80, 160, 10):
         axes.plot(rates, elbo - rates, color="grey", linewidth=0.5, linestyle=":")
