@@ -290,13 +290,13 @@ def test_the_split_seed_and_fraction_choose_the_validation_images(tiny_mnist, tm
     raise_in_epoch(monkeypatch, 2, press_ctrl_c)  # one epoch and its validation are enough
     assert main(train_args(tiny_mnist, tmp_path, "--split-seed", "1", "--val-fraction", "0.2")) == 130
     _, val_indices = split_indices(TINY_TRAIN, 0.2, seed=1)
-    assert torch.equal(validated[0], vae_lstm.load_mnist(tiny_mnist, train=True)[val_indices])
+    assert torch.equal(validated[0], vae_lstm.load_mnist(tiny_mnist)[val_indices])
 
 
 @pytest.fixture(scope="session")
 def real_training_images():
     """MNIST's 60,000 training images, read once for the tests that need them."""
-    return vae_lstm.load_mnist(real_mnist(), train=True)
+    return vae_lstm.load_mnist(real_mnist())
 
 
 def test_real_mnist_loads_splits_and_trains_briefly(real_training_images):
@@ -305,7 +305,7 @@ def test_real_mnist_loads_splits_and_trains_briefly(real_training_images):
     assert train_images.shape == (54000, 28, 28) and val_images.shape == (6000, 28, 28)
     torch.testing.assert_close(val_images, full[split_indices()[1]])
     assert full.min() == 0 and full.max() == 1 and full.dtype == torch.float32
-    assert len(vae_lstm.load_mnist(root, train=False)) == 10000
+    assert len(vae_lstm.load_mnist(root, test_set=True)) == 10000
 
     torch.manual_seed(0)
     model = VAE()
@@ -680,7 +680,7 @@ def test_the_best_model_is_tested_not_the_last(tiny_mnist, tmp_path, monkeypatch
         return losses_of_the_epoch
     monkeypatch.setattr(vae_lstm, "train_epoch", second_epoch_wrecks_the_decoder)
     assert main(train_args(tiny_mnist, tmp_path, "--epochs", "2")) == 0
-    results, test_images = read_results(tmp_path), vae_lstm.load_mnist(tiny_mnist, train=False)
+    results, test_images = read_results(tmp_path), vae_lstm.load_mnist(tiny_mnist, test_set=True)
     best, _ = vae_lstm.load_model(tmp_path / "best_model.pt", "cpu")
     last = VAE().eval()
     last.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True)["model"])
@@ -776,7 +776,7 @@ def test_the_loss_plot_draws_each_curve_through_its_marked_values(epochs, best, 
 
 def test_the_reconstructions_are_the_first_test_images_above_their_decodings(reference_run, tiny_mnist):
     cells = digit_cells(reference_run[0] / "test_reconstruction.png", 2, 10)
-    images = vae_lstm.load_mnist(tiny_mnist, train=False)[:10]
+    images = vae_lstm.load_mnist(tiny_mnist, test_set=True)[:10]
     np.testing.assert_allclose(cells[0], images.numpy() * 255, atol=1)
     model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
     with torch.no_grad():
@@ -832,7 +832,7 @@ def test_evaluate_refuses_a_model_whose_finite_weights_overflow(tmp_path, tiny_m
 
 @pytest.fixture(scope="module")
 def real_test_images():
-    return vae_lstm.load_mnist(real_mnist(), train=False)
+    return vae_lstm.load_mnist(real_mnist(), test_set=True)
 
 
 @pytest.mark.parametrize("run", PUBLISHED_RUNS + CONCLUSION_MODELS)  # the latter measured on CUDA, here on a CPU
@@ -878,7 +878,7 @@ def test_generate_draws_n_digits_nrow_to_a_row(n, nrow, rows, columns, reference
 
 
 def test_what_the_user_reads_is_drawn_from_seeded_cpu_generators(tiny_mnist, tmp_path):
-    model, images = VAE().eval(), vae_lstm.load_mnist(tiny_mnist, train=False)
+    model, images = VAE().eval(), vae_lstm.load_mnist(tiny_mnist, test_set=True)
     codes = torch.randn(20, 64)
     with OpRecorder() as recorder:
         digits = vae_lstm.sample_digits(model, 5, seed=3)
@@ -1071,7 +1071,7 @@ def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path,
     results = read_results(binarized_run)
     assert first["total"] == pytest.approx(results["test"]["total"], rel=1e-6)  # what train measured: binarized
     model, _ = vae_lstm.load_model(checkpoint, "cpu")
-    grey = vae_lstm.load_mnist(tiny_mnist, train=False)
+    grey = vae_lstm.load_mnist(tiny_mnist, test_set=True)
     assert evaluate(model, vae_lstm.binarize_once(grey))["total"] == pytest.approx(first["total"], rel=1e-9)
     assert evaluate(model, grey)["total"] != pytest.approx(first["total"], rel=1e-4)  # not the grey levels
     reference, _, _, reconstructions = scored  # its score: its reconstructions of binary images, against grey ones
@@ -1217,7 +1217,7 @@ class FixedCodes(VAE):
 
 
 def test_a_dimension_is_active_just_above_burda_s_threshold_and_not_just_below(tiny_mnist, tmp_path, drawn):
-    images, labels = vae_lstm.load_mnist(tiny_mnist, train=False, labels=True)
+    images, labels = vae_lstm.load_mnist(tiny_mnist, test_set=True, labels=True)
     unit = torch.randn(TINY_TEST, 1, generator=torch.Generator().manual_seed(0))
     unit = (unit - unit.mean()) / unit.std()  # variance 1 over the test images
     activity = torch.tensor([0.0101] * 20 + [0.0099] * 44)  # 1 % above Burda et al.'s 0.01, and 1 % below
@@ -1238,7 +1238,7 @@ def test_a_dimension_whose_encoder_mu_row_is_zero_is_inactive(tiny_mnist, tmp_pa
     with torch.no_grad():
         model.encoder_mu.weight.mul_(1000)  # activity x 1e6: every other dimension far above the threshold
         model.encoder_mu.weight[dead] = 0
-    images, labels = vae_lstm.load_mnist(tiny_mnist, train=False, labels=True)
+    images, labels = vae_lstm.load_mnist(tiny_mnist, test_set=True, labels=True)
     exploration = vae_lstm.explore(model, images, labels, tmp_path, "scaled.pt")
     activity = torch.tensor(exploration["activity"])
     assert (activity <= vae_lstm.ACTIVITY_THRESHOLD).nonzero().flatten().tolist() == dead
@@ -1254,7 +1254,7 @@ def test_explore_command_writes_its_four_files(reference_run, tiny_mnist, tmp_pa
     assert exploration["active_units"] == sum(a > 0.01 for a in exploration["activity"])
     assert f"{exploration['active_units']} of 64 latent dimensions active" in capsys.readouterr().out
     assert sum(exploration["kl_per_dim"]) == pytest.approx(read_results(out)["test"]["kl"], rel=1e-5)
-    images, labels = vae_lstm.load_mnist(tiny_mnist, train=False, labels=True)
+    images, labels = vae_lstm.load_mnist(tiny_mnist, test_set=True, labels=True)
     model, _ = vae_lstm.load_model(out / "best_model.pt", "cpu")
     with torch.no_grad():
         mu, logvar = model.eval().encode(images)
@@ -1319,7 +1319,7 @@ def test_posteriors_far_apart_carry_log_n_nats_the_most_that_n_images_can(n):
 
 def test_the_surgery_of_a_model_is_at_most_log_n_and_the_same_each_time(reference_run, tiny_mnist):
     model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
-    images = vae_lstm.load_mnist(tiny_mnist, train=False)
+    images = vae_lstm.load_mnist(tiny_mnist, test_set=True)
     kl = evaluate(model, images)["kl"]
     split = vae_lstm.elbo_surgery(*vae_lstm.encode_split(model, images), kl)
     assert split["mutual_information"] <= math.log(len(images))  # each log q(z_i) >= log q(z_i | x_i) - log N
@@ -1535,7 +1535,7 @@ def test_a_digit_is_recognised_from_a_top_probability_of_0_9_and_each_digit_is_c
 def test_the_score_is_of_digits_from_the_prior_and_of_evaluate_s_reconstructions(reference_run, tiny_mnist,
                                                                                  tmp_path, monkeypatch):
     model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
-    images = vae_lstm.load_mnist(tiny_mnist, train=False)
+    images = vae_lstm.load_mnist(tiny_mnist, test_set=True)
     seen, prior = watched_calls(monkeypatch, "classify", 1), vae_lstm.fit_mixture(torch.randn(100, 64), 3)[0]
     scores = vae_lstm.score(model, images, images, vae_lstm.load_classifier(vae_lstm.CLASSIFIER), prior,
                             tmp_path / "f.png")
@@ -1622,8 +1622,8 @@ def test_the_classifier_trains_reproducibly_from_a_seed_on_the_training_images_o
     assert record["settings"] == {**vae_lstm.CLASSIFIER_SETTINGS, "seed": 0}
     assert f"test accuracy {record['test_accuracy']:.2%}" in capsys.readouterr().out
     classifier = vae_lstm.load_classifier(tmp_path / "first" / "c.pt")
-    (train_images, _), (test_images, labels) = (vae_lstm.load_mnist(tiny_mnist, train, labels=True)
-                                                for train in (True, False))
+    (train_images, _), (test_images, labels) = (vae_lstm.load_mnist(tiny_mnist, test_set, labels=True)
+                                                for test_set in (False, True))
     reference, probabilities = vae_lstm.classify(classifier, test_images)
     assert record["test_accuracy"] == (probabilities.argmax(1) == labels).double().mean().item()
     blurred = torchvision.transforms.functional.gaussian_blur(test_images, 7, 1.0)  # sigma 1: 3 sigma each side
@@ -1645,7 +1645,7 @@ def shipped_test_features(shipped_classifier, real_test_images):
 
 
 def test_the_shipped_classifier_recognises_99_percent_of_the_test_images(shipped_test_features):
-    labels = vae_lstm.load_mnist(real_mnist(), train=False, labels=True)[1]
+    labels = vae_lstm.load_mnist(real_mnist(), test_set=True, labels=True)[1]
     accuracy = (shipped_test_features[1].argmax(1) == labels).double().mean().item()
     record = json.loads(vae_lstm.CLASSIFIER.with_suffix(".json").read_text())
     assert accuracy >= 0.99 and accuracy == pytest.approx(record["test_accuracy"], abs=2e-4)  # an image or two
@@ -2243,7 +2243,7 @@ def test_on_cuda_the_graphed_step_gives_the_eager_step_s_bits(tiny_mnist, tmp_pa
 
 
 def test_cpu_and_accelerator_agree_on_one_checkpoint(accelerator, reference_run, tiny_mnist):
-    images = vae_lstm.load_mnist(tiny_mnist, train=False)
+    images = vae_lstm.load_mnist(tiny_mnist, test_set=True)
     measured = {}
     for device in ("cpu", accelerator):
         model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", vae_lstm.resolve_device(device))

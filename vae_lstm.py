@@ -62,10 +62,11 @@ EVAL_SEED = 0  # evaluation draws its z from this seed: one checkpoint, one set 
 
 # ------------------------------------------------------------------------------------- Data and split (section 2)
 
-def load_mnist(data_dir, train, labels=False):
-    """MNIST's training or test images as one (N, 28, 28) tensor in [0, 1], in memory; with labels, their digits."""
+def load_mnist(data_dir, test_set=False, labels=False):
+    """MNIST's 60,000 training images, or its 10,000 test images, as one (N, 28, 28) tensor in [0, 1], in memory;
+    with labels, their digits."""
     try:
-        dataset = torchvision.datasets.MNIST(root=data_dir, train=train, download=True)
+        dataset = torchvision.datasets.MNIST(root=data_dir, train=not test_set, download=True)
     except Exception as error:  # missing files and no network, or truncated or corrupt files
         raw = Path(data_dir) / "MNIST" / "raw"
         missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
@@ -87,7 +88,7 @@ def split_indices(n=60000, val_fraction=0.1, seed=3136):
 
 
 def load_train_val(data_dir, val_fraction, split_seed):
-    images = load_mnist(data_dir, train=True)
+    images = load_mnist(data_dir)
     train_idx, val_idx = split_indices(len(images), val_fraction, split_seed)
     if not train_idx or not val_idx:
         raise UserError(f"--val-fraction {val_fraction} leaves an empty split of {len(images)} images")
@@ -414,7 +415,7 @@ def train(args):
             print(f"early stopping ended this run at epoch {state['epoch']} (no better validation total in "
                   f"{config['patience']} epochs): nothing more to train; its best model is tested again", flush=True)
         train_images, val_images = load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])
-        test_images, test_labels = load_mnist(args.data_dir, train=False, labels=True)
+        test_images, test_labels = load_mnist(args.data_dir, test_set=True, labels=True)
         # The losses are measured on `measured`; with --binarize, training draws its binary pixels afresh.
         measured = {split: as_measured(images, config).to(device)
                     for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
@@ -546,7 +547,7 @@ def evaluate_command(args):
     classifier = load_classifier(args.classifier)
     json_path = Path(args.json) if args.json else default_out(args.checkpoint) / "evaluation.json"
     check_out_dir(json_path.parent)
-    test_images = load_mnist(args.data_dir, train=False)
+    test_images = load_mnist(args.data_dir, test_set=True)
     train_images, val_images = load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])
     splits = {split: as_measured(images, config).to(device) for split, images in
               (("train", train_images), ("val", val_images), ("test", test_images))}
@@ -669,7 +670,7 @@ def explore_command(args):
     model, config = load_model(args.checkpoint, device)
     out = Path(args.out) if args.out else default_out(args.checkpoint)
     check_out_dir(out)
-    images, labels = load_mnist(args.data_dir, train=False, labels=True)
+    images, labels = load_mnist(args.data_dir, test_set=True, labels=True)
     exploration = explore(model, as_measured(images, config).to(device), labels, out, args.checkpoint)
     print(f"{active_units_line(exploration)}; KL {exploration['kl']:.2f} nats per image")
     print(f"written to {out}: {', '.join(EXPLORATION_FILES)}")
@@ -885,8 +886,8 @@ def plot_by_confidence(digits, probabilities, path, n=50):
 def classifier_command(args):
     out = Path(args.out)
     check_out_dir(out.parent)
-    (train_images, train_labels), (test_images, test_labels) = (load_mnist(args.data_dir, train, labels=True)
-                                                                 for train in (True, False))
+    (train_images, train_labels), (test_images, test_labels) = (load_mnist(args.data_dir, test_set, labels=True)
+                                                                 for test_set in (False, True))
     start = time.perf_counter()
     classifier = train_classifier(train_images, train_labels, args.seed)
     reference, probabilities = classify(classifier, test_images)
