@@ -691,7 +691,7 @@ def elbo_surgery(mus, logvars, kl):
     # -2 log q(z_i | x_j) = sum_d (z_id - mu_jd)^2 / sigma_jd^2 + log sigma_jd^2 (+ d log 2 pi, which cancels),
     # expanded into one matrix product of [z^2, z] with [1 / sigma^2, -2 mu / sigma^2]
     weights, constants = torch.cat((precisions, -2 * mus * precisions), 1), (mus.pow(2) * precisions + logvars).sum(1)
-    log_aggregate = torch.cat([torch.addmm(constants, torch.cat((block.pow(2), block), 1), weights.T).mul(-0.5)
+    log_aggregate = torch.cat([torch.addmm(constants, torch.cat((block.pow(2), block), 1), weights.T).mul_(-0.5)
                                .logsumexp(1) for block in z.split(max(1, SURGERY_PAIRS // len(z)))]) - math.log(len(z))
     information = (-0.5 * (noise.pow(2) + logvars).sum(1) - log_aggregate).mean().item()
     return {"mutual_information": information, "marginal_kl": kl - information}
