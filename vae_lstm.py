@@ -1390,7 +1390,7 @@ def parse_args(argv=None):
                         "encoder, in place of the LSTM (the report's proposed remedy, section 4)")
     train_parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                               help="on CUDA, launch the training step's kernels one by one, not as one CUDA graph: "
-                                   "the same numbers, about 9 times slower")
+                                   "the same numbers, several times slower")
     train_parser.add_argument("--resume", action="store_true",
                               help="continue the run in --out, with the same settings; a larger --epochs trains more")
     train_parser.add_argument("--out", default="runs/lstm_vae", help="folder for the checkpoints, logs and figures")
