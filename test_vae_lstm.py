@@ -1767,8 +1767,8 @@ def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_r
 
 def test_compare_s_csv_says_whether_the_iw_figure_is_a_likelihood_or_a_bound(reference_run, tmp_path):
     runs = [copy_of_run(reference_run[0], tmp_path / "grey", 0, 270.0, 5, 260.0),  # iw_bound: grey levels
-            copy_of_run(reference_run[0], tmp_path / "binary", 1, 270.0), copy_of_run(reference_run[0], tmp_path / "none",
-                                                                                     2, 270.0)]
+            copy_of_run(reference_run[0], tmp_path / "binary", 1, 270.0),
+            copy_of_run(reference_run[0], tmp_path / "none", 2, 270.0)]
     (runs[1] / "evaluation.json").write_text(json.dumps({"iw_samples": 5, "iw_nll": 250.0}))  # a binarized model's
     assert main(["compare", *map(str, runs), "--csv", str(tmp_path / "runs.csv")]) == 0
     rows = list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))
@@ -2195,7 +2195,8 @@ def test_a_run_resumed_on_another_device_type_says_its_numbers_will_differ(refer
             "will differ from an uninterrupted run's") in capsys.readouterr().out
     vae_lstm.restore_rng_states({"cpu": torch.get_rng_state()}, torch.device("cuda"))  # and the other way round
     assert "trained on CPU and goes on on CUDA" in capsys.readouterr().out
-    assert read_results(reference_copy)["machine"] == {**vae_lstm.machine(torch.device("cpu")), "training_step": "eager"}
+    cpu = vae_lstm.machine(torch.device("cpu"))
+    assert read_results(reference_copy)["machine"] == {**cpu, "training_step": "eager"}
 
 
 @pytest.fixture
@@ -2334,7 +2335,8 @@ def test_the_cpu_step_is_never_graphed(tiny_mnist, tmp_path, monkeypatch):
 
 
 def test_no_cuda_graph_is_a_train_flag_named_in_help(capsys):
-    assert vae_lstm.parse_args(["train"]).cuda_graph and not vae_lstm.parse_args(["train", "--no-cuda-graph"]).cuda_graph
+    assert vae_lstm.parse_args(["train"]).cuda_graph
+    assert not vae_lstm.parse_args(["train", "--no-cuda-graph"]).cuda_graph
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--no-cuda-graph" in capsys.readouterr().out

@@ -680,6 +680,7 @@ def explore_command(args):
 
 SURGERY_PAIRS = 10_000_000  # log q(z_i | x_j) for this many pairs (i, j) at a time: 80 MB of float64
 
+
 @torch.no_grad()
 def elbo_surgery(mus, logvars, kl):
     """Hoffman & Johnson's (2016) split of a split's mean KL term `kl`: I(x; z), the information the codes carry
@@ -688,8 +689,7 @@ def elbo_surgery(mus, logvars, kl):
     mus, logvars = mus.cpu().double(), logvars.cpu().double()
     noise = torch.randn(mus.shape, generator=torch.Generator().manual_seed(EVAL_SEED), dtype=torch.float64)
     z, precisions = mus + (0.5 * logvars).exp() * noise, (-logvars).exp()
-    # -2 log q(z_i | x_j) = sum_d (z_id - mu_jd)^2 / sigma_jd^2 + log sigma_jd^2 (+ d log 2 pi, which cancels),
-    # expanded into one matrix product of [z^2, z] with [1 / sigma^2, -2 mu / sigma^2]
+    # -2 log q(z_i | x_j) - d log 2 pi = [z_i^2, z_i] . [1 / sigma_j^2, -2 mu_j / sigma_j^2] + constants_j
     weights, constants = torch.cat((precisions, -2 * mus * precisions), 1), (mus.pow(2) * precisions + logvars).sum(1)
     log_aggregate = torch.cat([torch.addmm(constants, torch.cat((block.pow(2), block), 1), weights.T).mul_(-0.5)
                                .logsumexp(1) for block in z.split(max(1, SURGERY_PAIRS // len(z)))]) - math.log(len(z))
@@ -904,8 +904,9 @@ def classifier_command(args):
 
 # ---------------------------------------- Comparing runs: one row per run, the mean of each variant, their digits
 
-COMPARED = ("test_elbo", "test_bce", "test_kl", "test_mutual_information", "test_marginal_kl", "iw", "samples_frechet", "samples_recognised", "mixture_frechet",
-            "mixture_recognised", "reconstructions_frechet", "active_units", "best_epoch", "seconds_per_epoch")
+COMPARED = ("test_elbo", "test_bce", "test_kl", "test_mutual_information", "test_marginal_kl", "iw", "samples_frechet",
+            "samples_recognised", "mixture_frechet", "mixture_recognised", "reconstructions_frechet", "active_units",
+            "best_epoch", "seconds_per_epoch")
 
 
 def variant_name(config):
@@ -923,8 +924,8 @@ def run_row(folder):
     """A run folder of train's (and evaluate's) as one flat row."""
     results = read_json(folder / "results.json")
     evaluation = read_json(folder / "evaluation.json") if (folder / "evaluation.json").is_file() else {}
-    return {"run": folder.name, "variant": variant_name({**CONFIG, **results["config"]}), "seed": results["config"]["seed"],
-            "parameters": results["parameters"], "best_epoch": results["best_epoch"],
+    return {"run": folder.name, "variant": variant_name({**CONFIG, **results["config"]}),
+            "seed": results["config"]["seed"], "parameters": results["parameters"], "best_epoch": results["best_epoch"],
             "epochs_run": results["epochs_run"],
             **{f"{split}_{part}": results[split][part] for split in ("train", "val", "test")
                for part in ("bce", "kl", "total")},
@@ -977,7 +978,8 @@ def plot_variant_samples(folders, rows, path, data_dir=None, n=100):
             grid = torchvision.utils.make_grid(sample_digits(model, n, 0, chosen_prior(options, model, config)),
                                                nrow=math.isqrt(n), padding=2, pad_value=0.5)
             axis.imshow(grid.permute(1, 2, 0).numpy())
-            axis.set_title(variant.replace(" --", "\n--") + ("" if prior == "normal" else "\nmixture prior"), fontsize=9)
+            axis.set_title(variant.replace(" --", "\n--") + ("\nmixture prior" if prior == "mixture" else ""),
+                           fontsize=9)
             axis.axis("off")
     save_figure(figure, path)
 
