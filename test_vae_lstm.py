@@ -1328,8 +1328,12 @@ def test_the_surgery_of_a_model_is_at_most_log_n_and_the_same_each_time(referenc
 
 def test_the_surgery_takes_seconds_and_bounded_memory_for_ten_thousand_images(monkeypatch):
     blocks, addmm = [], torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda *args: blocks.append(addmm(*args).numel()) or blocks[-1] and addmm(
-        *args))
+
+    def counted_addmm(*args):
+        product = addmm(*args)
+        blocks.append(product.numel())
+        return product
+    monkeypatch.setattr(torch, "addmm", counted_addmm)
     start = time.perf_counter()
     vae_lstm.elbo_surgery(torch.randn(10_000, 64), torch.randn(10_000, 64) - 2, kl=20.0)
     assert time.perf_counter() - start < 20 and max(blocks) <= vae_lstm.SURGERY_PAIRS and len(blocks) == 10
