@@ -1793,6 +1793,13 @@ def test_compare_draws_the_rate_distortion_plane_and_the_mixture_s_digits(refere
     assert Image.open(tmp_path / "plane.png").format == "PNG" and Image.open(tmp_path / "digits.png").format == "PNG"
 
 
+def test_compare_judges_a_run_trained_at_another_kl_weight_by_its_elbo(variant_runs, tmp_path):
+    conv = read_results(variant_runs["conv"])["test"]  # trained with --kl-weight 2: its total weighs the KL twice
+    assert main(["compare", str(variant_runs["conv"]), "--csv", str(tmp_path / "runs.csv")]) == 0
+    (row,) = csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text()))
+    assert float(row["test_elbo"]) == conv["bce"] + conv["kl"] < conv["total"]
+
+
 def test_compare_averages_no_importance_weighted_figures_of_different_k(reference_run, tmp_path, capsys):
     def iw_cell(*ks):
         runs = [copy_of_run(reference_run[0], tmp_path / f"{ks}-{seed}", seed, 270.0, k, 260.0 + seed)
