@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import vae_lstm
-from vae_lstm import CONFIG, VAE, EarlyStopping, evaluate, main, split_indices, train_epoch, vae_loss
+from vae_lstm import CONFIG, VAE, evaluate, main, split_indices, train_epoch, vae_loss
 
 HERE = Path(__file__).resolve().parent
 TINY_TRAIN, TINY_TEST = 200, 50  # 180 training images: batches of 64, 64 and a short 52
@@ -301,11 +301,12 @@ def real_training_images():
 
 def test_real_mnist_loads_splits_and_trains_briefly(real_training_images):
     root, full = real_mnist(), real_training_images
-    train_images, val_images = vae_lstm.load_train_val(root, 0.1, 3136)
+    measured, grey, labels = vae_lstm.load_splits(root, CONFIG, "cpu")
+    train_images, val_images = measured["train"], measured["val"]
     assert train_images.shape == (54000, 28, 28) and val_images.shape == (6000, 28, 28)
     torch.testing.assert_close(val_images, full[split_indices()[1]])
     assert full.min() == 0 and full.max() == 1 and full.dtype == torch.float32
-    assert len(vae_lstm.load_mnist(root, test_set=True)) == 10000
+    assert len(measured["test"]) == len(labels) == 10000 and all(grey[split] is measured[split] for split in grey)
 
     torch.manual_seed(0)
     model = VAE()
@@ -643,10 +644,10 @@ def test_training_and_evaluation_make_no_float64_tensor():  # MPS has none: the 
 
 # ------------------------------------------------------------ Training, validation and early stopping (section 2)
 
-def test_early_stopping_counts_epochs_without_improvement():
-    stopper = EarlyStopping(patience=2)
-    verdicts = [(stopper.step(loss), stopper.should_stop) for loss in (5.0, 4.0, 4.0, 3.0, 3.5, 3.2)]
-    assert verdicts == [(True, False), (True, False), (False, False), (True, False), (False, False), (False, True)]
+def test_early_stopping_counts_epochs_since_the_first_best_validation_total():
+    totals = (5.0, 4.0, 4.0, 3.0, 3.5, 3.2)
+    counts = [vae_lstm.epochs_since_best([{"val_total": total} for total in totals[:n]]) for n in range(7)]
+    assert counts == [0, 0, 0, 1, 0, 1, 2]
 
 
 def test_training_stops_at_the_right_epoch_keeps_the_best_and_resumes_to_nothing(tiny_mnist, tmp_path, monkeypatch,
@@ -841,7 +842,8 @@ def test_each_published_model_gives_its_published_test_numbers(run, real_test_im
     model, config = vae_lstm.load_model(folder / "best_model.pt", "cpu")
     published = json.loads((folder / "results.json").read_text())
     assert config == {**CONFIG, **published["config"]} and (folder / "best_model.pt").stat().st_size < 2**20
-    measured = evaluate(model, vae_lstm.as_measured(real_test_images, config), config["kl_weight"])
+    measured = evaluate(model, binarized(real_test_images) if config["binarize"] else real_test_images,
+                        config["kl_weight"])
     assert measured == pytest.approx({part: published["test"][part] for part in measured}, abs=1e-3)  # per image
 
 
@@ -885,10 +887,10 @@ def test_what_the_user_reads_is_drawn_from_seeded_cpu_generators(tiny_mnist, tmp
         evaluated = evaluate(model, images)
         vae_lstm.importance_weighted_nll(model, images[:3], 10)
         vae_lstm.save_reconstructions(model, images, tmp_path / "reconstructions.png")
-        vae_lstm.binarize_once(images)
+        vae_lstm.load_splits(tiny_mnist, {**CONFIG, "binarize": True}, "cpu")
         prior = vae_lstm.fit_mixture(codes, 2)[0]  # its start, then its components and its codes
         vae_lstm.sample_digits(model, 5, seed=3, prior=prior)
-    assert len(recorder.draws) == 8  # digits, evaluate's z, the eps of the estimate, reconstructions, binarization
+    assert len(recorder.draws) == 10  # digits, evaluate's z, the estimate's eps, reconstructions, 3 binarizations
     for draw, generator in recorder.draws:
         assert generator is not None and generator.device.type == "cpu", draw  # never a device's, never the global
     with torch.no_grad():
@@ -911,7 +913,7 @@ def test_a_published_model_generates_without_training_and_leaves_the_published_f
     assert capsys.readouterr().out.endswith(f"written to {written.with_name('generated_mixture.png')}\n")
     assert written.read_bytes() == of_the_prior and written.with_name("generated_mixture.png").is_file()
     assert sorted(path.stat().st_mtime_ns for path in vae_lstm.PUBLISHED.rglob("*")) == published
-    assert vae_lstm.default_out(tmp_path / "run" / "best_model.pt") == tmp_path / "run"  # others: beside the model
+    assert vae_lstm.output_path(None, tmp_path / "run" / "best_model.pt") == tmp_path / "run"  # others: beside it
 
 
 # ----------------------------------------------- The train command: train and validate, test the best model, draw
@@ -1034,13 +1036,19 @@ def test_training_draws_binary_pixels_afresh_each_epoch_with_the_grey_value_as_m
     assert seen[..., 0].eq(0).all() and seen[..., -1].eq(1).all()  # grey 0 and 1 stay as they are
 
 
-def test_measured_images_are_binarized_once_from_a_fixed_seed():
-    grey = torch.rand(500, 28, 28)
-    config = variant(binarize=True)
-    once = vae_lstm.as_measured(grey, config)
-    assert set(once.unique().tolist()) == {0.0, 1.0} and abs(once.mean() - grey.mean()) < 0.01
-    assert torch.equal(vae_lstm.as_measured(grey, config), once)  # the same every time
-    assert vae_lstm.as_measured(grey, CONFIG) is grey
+def binarized(images):
+    """Binary pixels as a --binarize model is measured on, drawn here from the seed that the README names."""
+    return torch.bernoulli(images, generator=torch.Generator().manual_seed(0))
+
+
+def test_measured_images_are_binarized_once_from_a_fixed_seed(grey_mnist):
+    once, grey, _ = vae_lstm.load_splits(grey_mnist, variant(binarize=True), "cpu")
+    for split, images in once.items():
+        assert set(images.unique().tolist()) == {0.0, 1.0} and abs(images.mean() - grey[split].mean()) < 0.01
+        assert torch.equal(images, binarized(grey[split])), split
+    assert torch.equal(vae_lstm.load_splits(grey_mnist, variant(binarize=True), "cpu")[0]["val"], once["val"])
+    measured, grey, _ = vae_lstm.load_splits(grey_mnist, CONFIG, "cpu")
+    assert all(measured[split] is grey[split] for split in grey)  # grey levels as they are
 
 
 @pytest.fixture(scope="module")
@@ -1066,21 +1074,21 @@ def test_a_binarized_model_is_measured_on_binarized_images(grey_mnist, tmp_path,
     assert first == second  # one checkpoint, one set of numbers
     assert first["binarize"] is True and "iw_bound" not in first and first["iw_nll"] > 0
     assert "-log p(x) of the binarized images" in first["iw_meaning"]
-    assert "-log p(x) ~" in capsys.readouterr().out
+    assert f"{first['iw_nll']:.2f} with K=5: -log p(x) of the binarized images in nats" in capsys.readouterr().out
 
     results = read_results(binarized_run)
     assert first["total"] == pytest.approx(results["test"]["total"], rel=1e-6)  # what train measured: binarized
     model, _ = vae_lstm.load_model(checkpoint, "cpu")
     grey = vae_lstm.load_mnist(tiny_mnist, test_set=True)
-    assert evaluate(model, vae_lstm.binarize_once(grey))["total"] == pytest.approx(first["total"], rel=1e-9)
+    assert evaluate(model, binarized(grey))["total"] == pytest.approx(first["total"], rel=1e-9)
     assert evaluate(model, grey)["total"] != pytest.approx(first["total"], rel=1e-4)  # not the grey levels
     reference, _, _, reconstructions = scored  # its score: its reconstructions of binary images, against grey ones
     assert torch.equal(reference, grey) and torch.equal(scored_by_evaluate[0], grey)  # by train, and by evaluate
     assert torch.equal(scored_by_evaluate[3], reconstructions)
-    train_images = vae_lstm.load_train_val(tiny_mnist, 0.1, 3136)[0]  # its mixture: the codes of binary images
-    assert torch.equal(fitted[0], vae_lstm.encode_split(model, vae_lstm.binarize_once(train_images))[0])
+    train_images = vae_lstm.load_splits(tiny_mnist, CONFIG, "cpu")[0]["train"]  # its mixture: binary images' codes
+    assert torch.equal(fitted[0], vae_lstm.encode_split(model, binarized(train_images))[0])
     with torch.no_grad():
-        expected = model(vae_lstm.binarize_once(grey), torch.Generator().manual_seed(vae_lstm.EVAL_SEED))[0]
+        expected = model(binarized(grey), torch.Generator().manual_seed(vae_lstm.EVAL_SEED))[0]
     assert torch.equal(reconstructions, expected)
 
     assert main(["explore", "--device", "cpu", "--checkpoint", str(checkpoint), "--data-dir", str(tiny_mnist)]) == 0
@@ -1100,7 +1108,8 @@ def test_evaluate_adds_the_importance_weighted_bound_of_a_grey_level_model(refer
     assert evaluation["total"] == pytest.approx(read_results(out)["test"]["total"], rel=1e-6)  # same z, same numbers
     assert 0 < evaluation["iw_bound"] < evaluation["total"] + 5 and "iw_nll" not in evaluation  # grey levels
     assert "not a log-likelihood" in evaluation["iw_meaning"] and evaluation["iw_seconds"] > 0
-    assert "bound of the report's objective" in capsys.readouterr().out
+    assert (f"{evaluation['iw_bound']:.2f} with K=5: an importance-weighted bound of the report's objective on "
+            f"grey-level pixels, not a log-likelihood\n") in capsys.readouterr().out
 
 
 def test_importance_weighted_estimate_with_one_sample_is_the_negative_elbo_of_that_z():
@@ -1455,7 +1464,7 @@ def test_generate_draws_from_the_mixture_fitted_to_the_checkpoint_s_training_spl
     assert re.fullmatch(r"z from a 3-component mixture of the training codes, fitted in \d+\.\d s\n"
                         rf"20 generated digits written to {re.escape(str(path))}\n", capsys.readouterr().out)
     model, _ = vae_lstm.load_model(checkpoint, "cpu")
-    train_images = vae_lstm.load_train_val(tiny_mnist, 0.1, 3136)[0]  # the split of the checkpoint's config
+    train_images = vae_lstm.load_splits(tiny_mnist, CONFIG, "cpu")[0]["train"]  # the checkpoint config's split
     assert torch.equal(fitted[0], vae_lstm.encode_split(model, train_images)[0])
     expected = vae_lstm.sample_digits(model, 20, 4, vae_lstm.fit_mixture(fitted[0], 3)[0])
     np.testing.assert_array_equal(digit_cells(path, 2, 10).reshape(20, 28, 28),
@@ -1498,7 +1507,7 @@ def test_evaluate_scores_the_mixture_of_components_it_is_given_beside_n_0_i(refe
     fit, mixture = evaluation["mixture_fit"], evaluation["score"]["mixture"]
     assert fit["components"] == 3 and 1 <= fit["iterations"] <= vae_lstm.MIXTURE_ITERATIONS and fit["seconds"] > 0
     model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
-    train_images, val_images = vae_lstm.load_train_val(tiny_mnist, 0.1, 3136)
+    train_images, val_images = (vae_lstm.load_splits(tiny_mnist, CONFIG, "cpu")[0][split] for split in ("train", "val"))
     prior, log_likelihoods = vae_lstm.fit_mixture(vae_lstm.encode_split(model, train_images)[0], 3)
     assert fit["train_log_likelihood"] == log_likelihoods[-1]
     held_out = prior.log_prob(vae_lstm.encode_split(model, val_images)[0].double()).mean().item()
@@ -1623,7 +1632,7 @@ def test_the_classifier_trains_reproducibly_from_a_seed_on_the_training_images_o
     again = trained(other_test_images, "again, other test images")[0]  # reproducible, and blind to the test images
     assert all(torch.equal(again[name], first[name]) for name in first)
     assert not torch.equal(trained(tiny_mnist, "seed 1", "--seed", "1")[0]["1.weight"], first["1.weight"])
-    assert record["settings"] == {**vae_lstm.CLASSIFIER_SETTINGS, "seed": 0}
+    assert record["settings"] == {**vae_lstm.CLASSIFIER_SETTINGS, "seed": 0, "architecture": "cnn"}
     assert f"test accuracy {record['test_accuracy']:.2%}" in capsys.readouterr().out
     classifier = vae_lstm.load_classifier(tmp_path / "first" / "c.pt")
     (train_images, _), (test_images, labels) = (vae_lstm.load_mnist(tiny_mnist, test_set, labels=True)
@@ -1631,9 +1640,10 @@ def test_the_classifier_trains_reproducibly_from_a_seed_on_the_training_images_o
     reference, probabilities = vae_lstm.classify(classifier, test_images)
     assert record["test_accuracy"] == (probabilities.argmax(1) == labels).double().mean().item()
     blurred = torchvision.transforms.functional.gaussian_blur(test_images, 7, 1.0)  # sigma 1: 3 sigma each side
-    assert record["reference_scores"] == {  # the two rows of the README, the floor from as many training images
+    assert record["reference_scores"] == {  # the README's rows, the floor from as many training images
         "training images": vae_lstm.image_score(*vae_lstm.classify(classifier, train_images[:vae_lstm.SCORED_DIGITS]),
                                                 reference),
+        "test images": vae_lstm.image_score(reference, probabilities, reference),
         "test images blurred, sigma 1": vae_lstm.image_score(*vae_lstm.classify(classifier, blurred), reference)}
 
 
@@ -1755,15 +1765,16 @@ def test_compare_writes_one_row_per_run_and_the_mean_of_each_variant(reference_r
         cells += [iw, *(cell(results, lambda r: r["score"][kind][name]) for kind, name in (
             ("samples", "frechet"), ("samples", "recognised"), ("mixture", "frechet"), ("mixture", "recognised"),
             ("reconstructions", "frechet")))]
-        cells += [cell(explorations, lambda e: e["active_units"]), cell(results, lambda r: r["best_epoch"]),
-                  cell(results, lambda r: r["seconds_per_epoch"])]
+        cells += [cell(explorations, lambda e: e["active_units"]), "", "", "", "",  # no gaps, no holes measured
+                  cell(results, lambda r: r["best_epoch"]), cell(results, lambda r: r["seconds_per_epoch"])]
         where = f"{results[0]['machine']['device']}, torch {torch.__version__}"
         return f"| {name} | {len(runs_of_variant)} | {' | '.join(cells)} | {where} |"
 
     assert table == [
         "| variant | runs | test_elbo | test_bce | test_kl | test_mutual_information | test_marginal_kl | iw "
         "| samples_frechet | samples_recognised | mixture_frechet | mixture_recognised | reconstructions_frechet "
-        "| active_units | best_epoch | seconds_per_epoch | device |", "|---" * 17 + "|",
+        "| active_units | amortization_gap | approximation_gap | prior_holes | mixture_holes | best_epoch "
+        "| seconds_per_epoch | device |", "|---" * 21 + "|",
         table_row("report", runs[:2], "240.00"),  # the bound of the one run that has one
         table_row(small_name, runs[2:], "")]
     assert (tmp_path / "study" / "digits.pdf").read_bytes().startswith(b"%PDF")
@@ -1828,8 +1839,23 @@ def test_compare_draws_the_published_models_without_training(tmp_path, capsys, d
 
 
 def test_compare_names_a_run_folder_it_cannot_read(reference_run, tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{")
     assert main(["compare", str(reference_run[0]), str(tmp_path)]) == 2
-    one_error_line(capsys.readouterr(), f"cannot read {tmp_path / 'results.json'}: No such file or directory")
+    one_error_line(capsys.readouterr(), f"cannot read {tmp_path / 'results.json'}")
+    assert main(["compare", str(reference_run[0]), str(tmp_path / "absent")]) == 2
+    one_error_line(capsys.readouterr(), f"no run folder at {tmp_path / 'absent'}")
+
+
+def test_compare_skips_a_folder_that_holds_no_finished_run_in_one_line(reference_run, tmp_path, capsys):
+    stopped = tmp_path / "stopped"  # as a run stopped by a device's time limit leaves it: a log, no results.json
+    stopped.mkdir()
+    (stopped / "history.csv").write_text("epoch\n1\n")
+    assert main(["compare", str(stopped), str(reference_run[0]), "--csv", str(tmp_path / "runs.csv")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"note: {stopped} holds no finished run (no results.json): skipped\n"
+    assert [row["run"] for row in csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text()))] == ["reference0"]
+    assert main(["compare", str(stopped)]) == 2
+    one_error_line(capsys.readouterr(), "none of the folders holds a finished run")
 
 
 # ==============================================================================================================
@@ -1978,12 +2004,16 @@ def test_a_stopped_run_resumes_to_the_numbers_of_an_uninterrupted_one(stop, refe
     assert last["epoch"] == len(last["history"]) == last["config"]["epochs"] == TINY_EPOCHS
 
 
-def test_a_resumed_run_keeps_the_best_total_and_the_epochs_without_a_better_one(tiny_mnist, tmp_path, monkeypatch,
-                                                                               capsys):
+@pytest.mark.parametrize("written_by", ["this version", "a version that stored early stopping's count"])
+def test_a_resumed_run_keeps_the_best_total_and_the_epochs_without_a_better_one(written_by, tiny_mnist, tmp_path,
+                                                                               monkeypatch, capsys):
     scripted_training(monkeypatch, [9.0, 7.0, 8.0, 8.5])  # the best at epoch 2, then two not better
     raise_in_epoch(monkeypatch, 5, press_ctrl_c)
     assert main(train_args(tiny_mnist, tmp_path, "--patience", "3")) == 130
     monkeypatch.undo()
+    if written_by != "this version":  # its last.pt kept the best total and the count beside the history
+        last = torch.load(tmp_path / "last.pt", weights_only=True)
+        torch.save({**last, "best_val": 7.0, "bad_epochs": 2}, tmp_path / "last.pt")
     evaluated = scripted_training(monkeypatch, [7.5, 7.2])  # not better than 7.0: the third such epoch
     assert main(train_args(tiny_mnist, tmp_path, "--patience", "3", "--resume")) == 0
     results = read_results(tmp_path)
@@ -2027,7 +2057,7 @@ def test_sigterm_stops_the_command_in_one_line_and_sigkill_leaves_no_lock(refere
     _, stderr = child.communicate(timeout=60)
     assert child.returncode == 128 + signal.SIGTERM and not (run / "results.json").exists()
     last = torch.load(run / "last.pt", weights_only=True)
-    assert {"epoch", "model", "optimizer", "best_val", "bad_epochs", "history", "rng"} <= set(last)
+    assert set(last) == {"config", "epoch", "model", "optimizer", "history", "rng"}  # early stopping: the history
     assert stderr == (f"terminated (SIGTERM); {run / 'last.pt'} holds epoch {last['epoch']} and "
                       f"{run / 'best_model.pt'} the best so far, both intact; resume with: python vae_lstm.py "
                       f"{' '.join(train_args(tiny_mnist, run))} --epochs 50 --resume\n")
@@ -2448,9 +2478,9 @@ def test_no_default_output_points_into_docs_where_the_published_files_are():
         ("train", []), ("generate", []), ("evaluate", []), ("explore", []), ("classifier", []), ("compare", ["r"]))}
     assert parsed["classifier"].out == "runs/classifier/classifier.pt"  # never over the shipped docs/classifier.pt
     assert parsed["train"].out == "runs/lstm_vae" and parsed["compare"].csv is parsed["compare"].figure is None
-    assert parsed["generate"].out is parsed["evaluate"].json is parsed["explore"].out is None  # default_out's
-    for path in (parsed["train"].out, parsed["classifier"].out, vae_lstm.default_out(vae_lstm.PUBLISHED_MODEL),
-                 *(vae_lstm.default_out(model) for model in vae_lstm.PUBLISHED.glob("*/best_model.pt"))):
+    assert parsed["generate"].out is parsed["evaluate"].json is parsed["explore"].out is None  # output_path's
+    for path in (parsed["train"].out, parsed["classifier"].out, vae_lstm.output_path(None, vae_lstm.PUBLISHED_MODEL),
+                 *(vae_lstm.output_path(None, model) for model in vae_lstm.PUBLISHED.glob("*/best_model.pt"))):
         assert not Path(path).resolve().is_relative_to(docs.resolve()), path
 
 

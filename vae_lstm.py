@@ -59,12 +59,12 @@ CONFIG = {  # every setting a run's numbers depend on: train's flags, stored in 
 }
 EVAL_BATCH_SIZE = 1000  # evaluation holds no gradients, so it takes big batches
 EVAL_SEED = 0  # evaluation draws its z from this seed: one checkpoint, one set of numbers
+BINARIZE_SEED = 0  # a --binarize model's images are measured binarized once, from this seed (Part 2)
 
 # ------------------------------------------------------------------------------------- Data and split (section 2)
 
 def load_mnist(data_dir, test_set=False, labels=False):
-    """MNIST's 60,000 training images, or its 10,000 test images, as one (N, 28, 28) tensor in [0, 1], in memory;
-    with labels, their digits."""
+    """MNIST's 60,000 training or 10,000 test images, (N, 28, 28) in [0, 1] in memory; with labels, their digits."""
     try:
         dataset = torchvision.datasets.MNIST(root=data_dir, train=not test_set, download=True)
     except Exception as error:  # missing files and no network, or truncated or corrupt files
@@ -87,12 +87,18 @@ def split_indices(n=60000, val_fraction=0.1, seed=3136):
     return indices[n_val:], indices[:n_val]
 
 
-def load_train_val(data_dir, val_fraction, split_seed):
-    images = load_mnist(data_dir)
-    train_idx, val_idx = split_indices(len(images), val_fraction, split_seed)
+def load_splits(data_dir, config, device):
+    """The training, validation and test images as a model of `config` is measured on, on `device`: grey levels,
+    or (--binarize) binary pixels drawn once from BINARIZE_SEED on the CPU, so that one checkpoint always gives
+    the same numbers; the grey images (on the CPU); the test labels."""
+    images, (test_images, test_labels) = load_mnist(data_dir), load_mnist(data_dir, test_set=True, labels=True)
+    train_idx, val_idx = split_indices(len(images), config["val_fraction"], config["split_seed"])
     if not train_idx or not val_idx:
-        raise UserError(f"--val-fraction {val_fraction} leaves an empty split of {len(images)} images")
-    return images[train_idx], images[val_idx]
+        raise UserError(f"--val-fraction {config['val_fraction']} leaves an empty split of {len(images)} images")
+    grey = {"train": images[train_idx], "val": images[val_idx], "test": test_images}
+    measured = {split: torch.bernoulli(images, generator=torch.Generator().manual_seed(BINARIZE_SEED))
+                if config["binarize"] else images for split, images in grey.items()}
+    return {split: images.to(device) for split, images in measured.items()}, grey, test_labels
 
 
 # ------------------------------------------------------------------------------------ Model (section 1, Figure 1)
@@ -170,8 +176,7 @@ def design_error(config):
 
 
 def cpu_normal(shape, generator, device):
-    """N(0, 1) draws from a seeded CPU generator, moved to `device`. CPU, CUDA and MPS draw other numbers from
-    one seed, so whatever a user reads (losses, digits, estimates) is drawn here: the same on every device."""
+    """N(0, 1) draws from a seeded CPU generator, moved to `device`: what a user reads, the same on every device."""
     return torch.randn(shape, generator=generator).to(device)
 
 
@@ -209,31 +214,17 @@ def vae_loss(recon, x, mu, logvar, kl_weight=1.0):
 
 
 def per_image(batch_losses, n_images):
-    """(batches, 3) sums of (total, bce, kl), on any device -> per-image losses, summed in float64 on the host
-    (MPS has none); divided by the images seen, where the report's batches x 64 overcounted a short last batch."""
+    """(batches, 3) sums of (total, bce, kl) -> per-image losses, summed on the host, over the images seen."""
     total, bce, kl = (sum(column) / n_images for column in batch_losses.cpu().T.tolist())
     return {"bce": bce, "kl": kl, "total": total}
 
 
 # ------------------------------------------------------------ Training, validation and early stopping (section 2)
 
-class EarlyStopping:
-    """Counts the epochs since the best validation total; the report's code counted but never stopped."""
-
-    def __init__(self, patience, best=math.inf, bad_epochs=0):
-        self.patience, self.best, self.bad_epochs = patience, best, bad_epochs
-
-    def step(self, val_total):
-        """Record one epoch's validation total; True when it is the best so far."""
-        if val_total < self.best:
-            self.best, self.bad_epochs = val_total, 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def should_stop(self):
-        return self.bad_epochs >= self.patience
+def epochs_since_best(history):
+    """Epochs since the first best validation total, what early stopping counts (the report's code never stopped)."""
+    totals = [row["val_total"] for row in history]
+    return len(totals) - 1 - totals.index(min(totals)) if totals else 0
 
 
 def train_step(model, optimizer, x, kl_weight):
@@ -250,9 +241,8 @@ def train_step(model, optimizer, x, kl_weight):
 
 
 def train_epoch(model, optimizer, images, batch_size, kl_weight, epoch, binarize=False, step=train_step):
-    """One pass of `step` (train_step, or its CUDA graph) over the images in a fresh random order (with binarize,
-    pixels drawn afresh as Bernoulli(grey value), Burda et al., 2016); per-image losses. A non-finite step stops
-    the run at the epoch's end."""
+    """One pass of `step` (train_step, or its CUDA graph) over the images in a fresh order, binarized afresh with
+    `binarize`; per-image losses. A non-finite step stops the run at the epoch's end."""
     model.train()
     batches = torch.randperm(len(images)).to(images.device).split(batch_size)
     steps = [step(model, optimizer, torch.bernoulli(images[index]) if binarize else images[index], kl_weight)
@@ -290,19 +280,17 @@ def evaluate(model, images, kl_weight=1.0):
 
 
 def fit(config, model, train_images, val_images, out, state=None, graph=False):
-    """Train with early stopping on the validation total, from scratch or from last.pt's state, with the step as a
-    CUDA graph if `graph`; best_model.pt keeps the best epoch, last.pt what a resume needs. The history, why it
-    stopped, which step trained."""
+    """Train with early stopping, from scratch or from last.pt's state; best_model.pt keeps the best epoch, last.pt
+    what a resume needs. The history, why it stopped, which step trained (a CUDA graph if `graph`)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], fused=True)
-    first_epoch, history, stopper, step = 1, [], EarlyStopping(config["patience"]), None
-    if state:
+    history, step = [], None
+    if state:  # the history is the record: a last.pt from before keeps best_val and bad_epochs too, unread
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         restore_rng_states(state["rng"], train_images.device)
-        first_epoch, history = state["epoch"] + 1, state["history"]
-        stopper = EarlyStopping(config["patience"], state["best_val"], state["bad_epochs"])
-    for epoch in range(first_epoch, config["epochs"] + 1):
-        if stopper.should_stop:
+        history = state["history"]
+    for epoch in range(len(history) + 1, config["epochs"] + 1):
+        if epochs_since_best(history) >= config["patience"]:
             break
         start = time.perf_counter()
         step = step or (graphed_step(model, optimizer, train_images[:config["batch_size"]].clone(),
@@ -311,23 +299,22 @@ def fit(config, model, train_images, val_images, out, state=None, graph=False):
                               config["binarize"], step)
         train_seconds = time.perf_counter() - start
         val = evaluate(model, val_images, config["kl_weight"])
-        improved = stopper.step(val["total"])
-        if improved:
-            save_checkpoint({"config": config, "model": model.state_dict(), "epoch": epoch, "val_loss": val["total"]},
-                            out / "best_model.pt")
         history.append({"epoch": epoch, **{f"train_{k}": v for k, v in trained.items()},
                         **{f"val_{k}": v for k, v in val.items()},
                         "train_seconds": train_seconds, "seconds": time.perf_counter() - start})
+        improved = epochs_since_best(history) == 0
+        if improved:
+            save_checkpoint({"config": config, "model": model.state_dict(), "epoch": epoch, "val_loss": val["total"]},
+                            out / "best_model.pt")
         save_checkpoint({"config": config, "epoch": epoch, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "best_val": stopper.best,
-                         "bad_epochs": stopper.bad_epochs, "history": history, "rng": rng_states(train_images.device)},
-                        out / "last.pt")
+                         "optimizer": optimizer.state_dict(), "history": history,
+                         "rng": rng_states(train_images.device)}, out / "last.pt")
         write_csv(history, out / "history.csv")
         print(f"epoch {epoch:2d}/{config['epochs']}  train bce {trained['bce']:6.2f} kl {trained['kl']:5.2f} "
               f"total {trained['total']:6.2f}  |  val bce {val['bce']:6.2f} kl {val['kl']:5.2f} "
               f"total {val['total']:6.2f}  {history[-1]['seconds']:5.1f}s{'  best' if improved else ''}", flush=True)
     kind = None if step is None else "eager" if step is train_step else "CUDA graph"
-    if stopper.should_stop:
+    if epochs_since_best(history) >= config["patience"]:
         return history, f"early stopping: no better validation total in {config['patience']} epochs", kind
     return history, f"reached --epochs {config['epochs']}", kind
 
@@ -358,12 +345,6 @@ REPORT_RESULTS = {  # the report's table (section 3), per image
 }
 
 
-def measure_best_model(out, splits, device, kl_weight):
-    """The best model, not the last (a report bug), and its per-image losses on each split."""
-    model, _ = load_model(out / "best_model.pt", device)
-    return model, {split: evaluate(model, images, kl_weight) for split, images in splits.items()}
-
-
 @torch.no_grad()
 def save_reconstructions(model, images, path, n=10):
     """The report's Figures 3 and 4: n originals above their reconstructions."""
@@ -384,21 +365,22 @@ def summary_table(results):
 # ------------------------------- Generation (the report's generator.py, which repeated the config, saved nothing)
 
 @torch.no_grad()
-def sample_digits(model, n, seed, prior=None):
-    """Decode n draws of z ~ N(0, I), or of a fitted prior (Part 2), from `seed` on the CPU: (n, 1, 28, 28)."""
+def sample_digits(model, n, seed, prior=None, temperature=1.0):
+    """Decode n draws of z ~ N(0, temperature^2 I), or of a fitted prior (Part 2), from `seed` on the CPU."""
     model.eval()
     generator, device = torch.Generator().manual_seed(seed), next(model.parameters()).device
-    z = cpu_normal((n, model.latent_dim), generator, device) if prior is None else draw_codes(prior, n, generator)
+    z = cpu_normal((n, model.latent_dim), generator, device) * temperature if prior is None else draw_codes(
+        prior, n, generator)
     return model.decode(z.to(device)).cpu()
 
 
 def generate(args):
     model, config = load_model(args.checkpoint, resolve_device(args.device))
-    name = "generated.png" if args.prior == "normal" else "generated_mixture.png"  # one beside the other
-    out = Path(args.out) if args.out else default_out(args.checkpoint) / name
+    out = output_path(args.out, args.checkpoint, f"generated{'' if args.prior == 'normal' else '_mixture'}.png")
     picture_format(out)
     check_out_dir(out.parent)
-    save_grid(sample_digits(model, args.n, args.seed, chosen_prior(args, model, config)), out, args.nrow)
+    prior = None if args.prior == "normal" else mixture_prior(model, config, args.data_dir, args.components)
+    save_grid(sample_digits(model, args.n, args.seed, prior), out, args.nrow)
     print(f"{args.n} generated digits written to {out}")
 
 
@@ -408,18 +390,15 @@ def train(args):
     out, config = Path(args.out), config_of(args)
     with claim_run_folder(out, args.resume):
         device = resolve_device(args.device)
-        where, classifier = machine(device), load_classifier(args.classifier)  # before the first epoch, not the last
+        classifier = load_classifier(args.classifier)  # refused before the first epoch, not after the last
         torch.manual_seed(config["seed"])
         state = resumable_state(config, out) if args.resume else None
-        if state and state["bad_epochs"] >= config["patience"]:
+        if state and epochs_since_best(state["history"]) >= config["patience"]:
             print(f"early stopping ended this run at epoch {state['epoch']} (no better validation total in "
                   f"{config['patience']} epochs): nothing more to train; its best model is tested again", flush=True)
-        train_images, val_images = load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])
-        test_images, test_labels = load_mnist(args.data_dir, test_set=True, labels=True)
-        # The losses are measured on `measured`; with --binarize, training draws its binary pixels afresh.
-        measured = {split: as_measured(images, config).to(device)
-                    for split, images in (("train", train_images), ("val", val_images), ("test", test_images))}
-        train_images = train_images.to(device) if config["binarize"] else measured["train"]
+        measured, grey, test_labels = load_splits(args.data_dir, config, device)
+        train_images = grey["train"].to(device) if config["binarize"] else measured["train"]  # drawn afresh
+        where = machine(device)
         print(f"{len(train_images)} training, {len(measured['val'])} validation, {len(measured['test'])} test images"
               f"{' (binarized)' if config['binarize'] else ''}; device {device} ({where['device']}); "
               f"writing to {out}", flush=True)
@@ -429,56 +408,44 @@ def train(args):
                                                            device.type == "cuda" and args.cuda_graph)
 
         start = time.perf_counter()
-        model, results = measure_best_model(out, measured, device, config["kl_weight"])
-        best = min(history, key=lambda row: row["val_total"])["epoch"]  # the first best, as early stopping saw it
-        train_seconds = sum(row["train_seconds"] for row in history)
-        results.update(best_epoch=best, epochs_run=len(history), stop_reason=stop_reason,
-                       seconds=sum(row["seconds"] for row in history) + time.perf_counter() - start,
-                       seconds_per_epoch=sum(row["seconds"] for row in history) / len(history),
-                       train_images_per_second=len(train_images) * len(history) / train_seconds,
-                       parameters=sum(parameter.numel() for parameter in model.parameters()), machine=where,
-                       config=config)
-        results["test"].update(elbo_surgery(*encode_split(model, measured["test"]), results["test"]["kl"]))
-        prior, results["mixture_fit"] = fit_prior(model, measured["train"], measured["val"], MIXTURE_COMPONENTS)
-        results["score"] = score(model, measured["test"], test_images, classifier, prior)
-        write_json(results, out / "results.json")
+        model, _ = load_model(out / "best_model.pt", device)  # the best model, not the last (a report bug)
+        results = {split: evaluate(model, images, config["kl_weight"]) for split, images in measured.items()}
+        best = len(history) - epochs_since_best(history)
         plot_losses(history, best, out / "loss_plot.png")
         save_reconstructions(model, measured["train"], out / "train_reconstruction.png")
         save_reconstructions(model, measured["test"], out / "test_reconstruction.png")
         save_grid(sample_digits(model, 100, config["seed"]), out / "generated.png", nrow=10)
-        exploration = explore(model, measured["test"], test_labels, out, out / "best_model.pt")
+
+        beyond = beyond_the_report(model, measured, grey["test"], "test", results["test"]["kl"], classifier,
+                                   MIXTURE_COMPONENTS, explore_to=(test_labels, out, out / "best_model.pt"))
+        results["test"].update(beyond.pop("surgery"))
+        exploration = beyond.pop("exploration")
+        results.update(best_epoch=best, epochs_run=len(history), stop_reason=stop_reason,
+                       **timings(history, time.perf_counter() - start, len(train_images)),
+                       parameters=sum(parameter.numel() for parameter in model.parameters()), machine=where,
+                       config=config, **beyond)
+        write_json(results, out / "results.json")
     print(f"\n{stop_reason}; best epoch {best} of {len(history)}; {results['seconds']:.0f}s, "
           f"{results['train_images_per_second']:.0f} training images/s")
     print(f"per-image losses of the best model (nats):\n{summary_table(results)}\ntest {surgery_line(results['test'])}"
-          f"\n{score_line(results['score'])}")
-    print(active_units_line(exploration))
-    print(f"written to {out}: best_model.pt, last.pt, history.csv, results.json, loss_plot.png, "
-          f"train_reconstruction.png, test_reconstruction.png, generated.png, {', '.join(EXPLORATION_FILES)}")
+          f"\n{score_line(results['score'])}\n{active_units_line(exploration)}")
+    print(f"written to {out}: {', '.join(sorted(path.name for path in out.iterdir()))}")
+
+
+def timings(history, seconds_after, n_train):
+    """The run's seconds (its epochs, then `seconds_after` them), per epoch, and training images per second."""
+    seconds = sum(row["seconds"] for row in history)
+    return {"seconds": seconds + seconds_after, "seconds_per_epoch": seconds / len(history),
+            "train_images_per_second": n_train * len(history) / sum(row["train_seconds"] for row in history)}
 
 
 # ==============================================================================================================
 # Part 2. Beyond the report: binarized MNIST, the likelihood, the latent space and its prior, the score, comparing runs
 # ==============================================================================================================
 
-# --------------------------------------------------------- Binarized MNIST (Burda et al., 2016; train --binarize)
-
-BINARIZE_SEED = 0  # a binarized model's validation and test images are drawn once, from this seed
-
-
-def binarize_once(images):
-    """Binary pixels drawn once as Bernoulli(grey value) from a fixed seed, on the CPU: how a binarized model's
-    validation and test images are measured, so that one checkpoint always gives the same numbers."""
-    return torch.bernoulli(images, generator=torch.Generator().manual_seed(BINARIZE_SEED))
-
-
-def as_measured(images, config):
-    """A split as a model of this config is measured on: grey levels, or binarized once."""
-    return binarize_once(images) if config["binarize"] else images
-
-
 # ------------------------------------------------------- The importance-weighted estimate (evaluate --iw-samples)
 
-IW_MEANING = {  # what evaluate's importance-weighted figure is, written beside it in evaluation.json
+IW_MEANING = {  # what evaluate's importance-weighted figure is, printed and written beside it in evaluation.json
     "iw_nll": "-log p(x) of the binarized images in nats, the figure VAE papers report: the importance-weighted "
               "estimate of Burda et al. (2016), an upper bound that tightens as K grows",
     "iw_bound": "an importance-weighted bound of the report's objective on grey-level pixels, not a log-likelihood: "
@@ -510,11 +477,11 @@ def fast_decoder(model):
 
 
 @torch.no_grad()
-def log_importance_weights(model, x, n_samples, generator, chunk, decode=None):
-    """log p(x|z) + log p(z) - log q(z|x) for n_samples z ~ q(z|x) per image, (B, n_samples), from one draw
-    of eps on the CPU generator; the codes are decoded `chunk` at a time by `decode` (model.decode by default)."""
+def log_importance_weights(model, x, n_samples, generator, chunk, decode=None, posterior=None):
+    """log p(x|z) + log p(z) - log q(z|x) for n_samples z ~ q(z|x) per image, (B, n_samples), from one draw of eps
+    on the CPU generator, q the encoder's or `posterior` (mu, logvar); `chunk` codes at a time by `decode`."""
     decode = decode or model.decode
-    mu, logvar = model.encode(x)
+    mu, logvar = posterior or model.encode(x)
     eps = cpu_normal((len(x), n_samples, mu.shape[1]), generator, x.device)
     z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
     # log N(z; 0, I) - log N(z; mu, sigma^2): the log(2 pi) terms cancel, and (z - mu) / sigma is eps
@@ -528,51 +495,18 @@ def log_importance_weights(model, x, n_samples, generator, chunk, decode=None):
 
 
 @torch.no_grad()
-def importance_weighted_nll(model, images, n_samples, chunk=None):
-    """Per-image IWAE estimate of -log p(x), -log of the mean of K importance weights, in nats (a likelihood only
-    of binary images: IW_MEANING); in batches of IW_CODES / K images, so that any K fits in memory."""
+def importance_weighted_nll(model, images, n_samples, chunk=None, posteriors=None):
+    """Per-image IWAE estimate of -log p(x) (IW_MEANING), with the encoder's q or `posteriors` (mus, logvars) as
+    proposal; IW_CODES / K images at a time, so that any K fits in memory."""
     model.eval()
     decode, generator = fast_decoder(model), torch.Generator().manual_seed(EVAL_SEED)
-    chunk = chunk or IW_CHUNK["cpu" if images.device.type == "cpu" else "gpu"]
+    chunk, batch = chunk or IW_CHUNK["cpu" if images.device.type == "cpu" else "gpu"], max(1, IW_CODES // n_samples)
+    proposals = zip(*(tensor.split(batch) for tensor in posteriors)) if posteriors else [None] * len(images)
     estimates = []
-    for x in tqdm(images.split(max(1, IW_CODES // n_samples)), desc=f"K={n_samples}", leave=False, disable=None):
-        log_weights = log_importance_weights(model, x, n_samples, generator, chunk, decode)
+    for x, posterior in zip(tqdm(images.split(batch), desc=f"K={n_samples}", leave=False, disable=None), proposals):
+        log_weights = log_importance_weights(model, x, n_samples, generator, chunk, decode, posterior)
         estimates.append(math.log(n_samples) - torch.logsumexp(log_weights, dim=1))
     return torch.cat(estimates)
-
-
-def evaluate_command(args):
-    device = resolve_device(args.device)
-    model, config = load_model(args.checkpoint, device)
-    classifier = load_classifier(args.classifier)
-    json_path = Path(args.json) if args.json else default_out(args.checkpoint) / "evaluation.json"
-    check_out_dir(json_path.parent)
-    test_images = load_mnist(args.data_dir, test_set=True)
-    train_images, val_images = load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])
-    splits = {split: as_measured(images, config).to(device) for split, images in
-              (("train", train_images), ("val", val_images), ("test", test_images))}
-    images = splits[args.split]
-    losses = evaluate(model, images, config["kl_weight"])
-    evaluation = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(images),
-                  "binarize": config["binarize"], **losses, **elbo_surgery(*encode_split(model, images), losses["kl"]),
-                  "machine": machine(device)}
-    line = (f"{args.split}: {len(images)}{' binarized' if config['binarize'] else ''} images, per image: "
-            f"BCE {evaluation['bce']:.2f}, KL {evaluation['kl']:.2f}, total {evaluation['total']:.2f}")
-    if args.iw_samples > 1:
-        start = time.perf_counter()
-        estimate = importance_weighted_nll(model, images, args.iw_samples).mean().item()
-        key = "iw_nll" if config["binarize"] else "iw_bound"
-        evaluation.update({"iw_samples": args.iw_samples, key: estimate, "iw_meaning": IW_MEANING[key],
-                           "iw_seconds": time.perf_counter() - start})
-        line += (f"; -log p(x) ~ {estimate:.2f} nats (importance-weighted, K={args.iw_samples})" if config["binarize"]
-                 else f"; importance-weighted bound of the report's objective {estimate:.2f} (K={args.iw_samples}; "
-                      f"not -log p(x): grey-level pixels, see README)")
-    prior, evaluation["mixture_fit"] = fit_prior(model, splits["train"], splits["val"], args.components)
-    evaluation["score"] = score(model, images, test_images, classifier, prior,
-                                json_path.with_name("digits_by_confidence.png"))
-    write_json(evaluation, json_path)
-    print(f"{line}\n{surgery_line(evaluation)}\n{score_line(evaluation['score'])}\nwritten to {json_path} and "
-          f"digits_by_confidence.png beside it")
 
 
 # ------------------------------------------- The latent space: interpolation, a map by digit, the dimensions used
@@ -668,10 +602,10 @@ def active_units_line(exploration):
 def explore_command(args):
     device = resolve_device(args.device)
     model, config = load_model(args.checkpoint, device)
-    out = Path(args.out) if args.out else default_out(args.checkpoint)
+    out = output_path(args.out, args.checkpoint)
     check_out_dir(out)
-    images, labels = load_mnist(args.data_dir, test_set=True, labels=True)
-    exploration = explore(model, as_measured(images, config).to(device), labels, out, args.checkpoint)
+    measured, _, labels = load_splits(args.data_dir, config, device)
+    exploration = explore(model, measured["test"], labels, out, args.checkpoint)
     print(f"{active_units_line(exploration)}; KL {exploration['kl']:.2f} nats per image")
     print(f"written to {out}: {', '.join(EXPLORATION_FILES)}")
 
@@ -681,25 +615,84 @@ def explore_command(args):
 SURGERY_PAIRS = 10_000_000  # log q(z_i | x_j) for this many pairs (i, j) at a time: 80 MB of float64
 
 
+def log_aggregate_posterior(z, mus, logvars):
+    """log q(z) + d/2 log 2 pi of each row of z, q(z) the mean of the N posteriors N(mus, exp(logvars)), all in
+    float64 on the CPU, SURGERY_PAIRS pairs at a time."""
+    precisions = (-logvars).exp()
+    # -2 log q(z | x_j) - d log 2 pi = [z^2, z] . [1 / sigma_j^2, -2 mu_j / sigma_j^2] + constants_j
+    weights, constants = torch.cat((precisions, -2 * mus * precisions), 1), (mus.pow(2) * precisions + logvars).sum(1)
+    return torch.cat([torch.addmm(constants, torch.cat((block.pow(2), block), 1), weights.T).mul_(-0.5).logsumexp(1)
+                      for block in z.split(max(1, SURGERY_PAIRS // len(mus)))]) - math.log(len(mus))
+
+
 @torch.no_grad()
 def elbo_surgery(mus, logvars, kl):
-    """Hoffman & Johnson's (2016) split of a split's mean KL term `kl`: I(x; z), the information the codes carry
-    about their image, mean log q(z_i|x_i) - log q(z_i) with one z_i ~ q(z|x_i) per image from EVAL_SEED and q(z)
-    the mean of all N posteriors (so I <= log N), and the rest, KL(q(z) || N(0, I)): the prior's holes."""
+    """Hoffman & Johnson's (2016) split of a split's mean KL term `kl`: I(x; z), mean log q(z_i|x_i) - log q(z_i)
+    with one z_i ~ q(z|x_i) per image from EVAL_SEED (a bound: I <= log N), and the rest, KL(q(z) || N(0, I))."""
     mus, logvars = mus.cpu().double(), logvars.cpu().double()
     noise = torch.randn(mus.shape, generator=torch.Generator().manual_seed(EVAL_SEED), dtype=torch.float64)
-    z, precisions = mus + (0.5 * logvars).exp() * noise, (-logvars).exp()
-    # -2 log q(z_i | x_j) - d log 2 pi = [z_i^2, z_i] . [1 / sigma_j^2, -2 mu_j / sigma_j^2] + constants_j
-    weights, constants = torch.cat((precisions, -2 * mus * precisions), 1), (mus.pow(2) * precisions + logvars).sum(1)
-    log_aggregate = torch.cat([torch.addmm(constants, torch.cat((block.pow(2), block), 1), weights.T).mul_(-0.5)
-                               .logsumexp(1) for block in z.split(max(1, SURGERY_PAIRS // len(z)))]) - math.log(len(z))
-    information = (-0.5 * (noise.pow(2) + logvars).sum(1) - log_aggregate).mean().item()
+    z = mus + (0.5 * logvars).exp() * noise
+    information = (-0.5 * (noise.pow(2) + logvars).sum(1) - log_aggregate_posterior(z, mus, logvars)).mean().item()
     return {"mutual_information": information, "marginal_kl": kl - information}
 
 
+@torch.no_grad()
+def prior_holes(mus, logvars, mixture):
+    """Where a prior p puts mass and no training code lives: KL(p || q(z)), q(z) the mean of the posteriors (mus,
+    logvars), by SCORED_DIGITS draws of p from EVAL_SEED, with its standard error; p is N(0, I), then `mixture`."""
+    mus, logvars = mus.cpu().double(), logvars.cpu().double()
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    normal = torch.randn((SCORED_DIGITS, mus.shape[1]), generator=generator, dtype=torch.float64)
+    mixed = draw_codes(mixture, SCORED_DIGITS, generator).double()
+    log_ratios = {"prior_holes": -0.5 * normal.pow(2).sum(1) - log_aggregate_posterior(normal, mus, logvars),
+                  "mixture_holes": mixture.log_prob(mixed) + 0.5 * mus.shape[1] * math.log(2 * math.pi)
+                  - log_aggregate_posterior(mixed, mus, logvars)}
+    return {name: {"kl": ratio.mean().item(), "standard_error": ratio.std().item() / math.sqrt(len(ratio))}
+            for name, ratio in log_ratios.items()}
+
+
 def surgery_line(losses):
-    return (f"KL {losses['kl']:.2f} = I(x; z) {losses['mutual_information']:.2f} (what the codes carry) + "
-            f"KL(q(z) || N(0, I)) {losses['marginal_kl']:.2f} (the prior's holes)")
+    return (f"KL {losses['kl']:.2f} = I(x; z) {losses['mutual_information']:.2f} (what the codes carry, at most "
+            f"log N) + KL(q(z) || N(0, I)) {losses['marginal_kl']:.2f}")
+
+
+# ------------------------------------------------ The amortization gap (Cremer et al., 2018; evaluate --gaps N)
+
+GAP_SETTINGS = {"lr": 0.01, "check_every": 100, "tolerance": 0.01, "samples": 100, "iw_samples": 1000}
+
+
+def elbo_by_draws(model, x, mu, logvar, eps):
+    """Per-image ELBO of q(z|x) = N(mu, sigma^2): the mean log-likelihood of z = mu + sigma * eps over the draws eps
+    (S, B, d), minus the closed-form KL."""
+    pixels = x.reshape(len(x), -1)
+    log_likelihoods = [-F.binary_cross_entropy(model.decode(mu + (0.5 * logvar).exp() * draw).flatten(1), pixels,
+                                               reduction="none").sum(1) for draw in eps]
+    return torch.stack(log_likelihoods).mean(0) - kl_per_dimension(mu, logvar).sum(1)
+
+
+def amortization_gaps(model, images, n):
+    """Cremer et al.'s gaps on n images of a split drawn from EVAL_SEED, as losses (-ELBO in nats per image; on grey
+    levels, of the report's objective): of the encoder's q; of q*, Adam on each image's mu and log sigma^2 from the
+    encoder's until check_every steps gain less than the tolerance; the importance-weighted bound of q*."""
+    if n > len(images):
+        raise UserError(f"--gaps {n} is more than the {len(images)} images of the split")
+    model, generator = copy.deepcopy(model).eval().requires_grad_(False), torch.Generator().manual_seed(EVAL_SEED)
+    x = images[torch.randperm(len(images), generator=generator)[:n]]
+    posterior = [parameter.requires_grad_() for parameter in model.encode(x)]
+    fixed = cpu_normal((GAP_SETTINGS["samples"], n, model.latent_dim), generator, x.device)  # the same each check
+    optimizer, losses = torch.optim.Adam(posterior, lr=GAP_SETTINGS["lr"]), []
+    while len(losses) < 2 or losses[-2] - losses[-1] >= GAP_SETTINGS["tolerance"]:
+        for _ in range(GAP_SETTINGS["check_every"] if losses else 0):
+            optimizer.zero_grad(set_to_none=True)
+            draw = cpu_normal((1, n, model.latent_dim), generator, x.device)
+            (-elbo_by_draws(model, x, *posterior, draw).sum()).backward()
+            optimizer.step()
+        with torch.no_grad():
+            losses.append(-elbo_by_draws(model, x, *posterior, fixed).mean().item())
+    bound = importance_weighted_nll(model, x, GAP_SETTINGS["iw_samples"], posteriors=posterior).mean().item()
+    return {"images": n, "steps": GAP_SETTINGS["check_every"] * (len(losses) - 1), "amortized": losses[0],
+            "optimised": losses[-1], "iw_bound": bound, "amortization_gap": losses[0] - losses[-1],
+            "approximation_gap": losses[-1] - bound, "settings": GAP_SETTINGS}
 
 
 # ---------------------- A prior fitted to the codes (generate --prior mixture; Ghosh et al., 2020, "ex-post density")
@@ -752,9 +745,8 @@ def draw_codes(mixture, n, generator):
 
 
 def fit_prior(model, train_images, val_images, components):
-    """The mixture fitted to the mean codes of the training images, encoded on the CPU (another device's codes
-    differ by rounding, and EM follows them: one checkpoint, one mixture), and the record of its fit: the mean
-    log-likelihood of a training and of a held-out validation code, iterations, seconds (encoding included)."""
+    """The mixture fitted to the training images' mean codes, encoded on the CPU (one checkpoint, one mixture), and
+    its record: the mean log-likelihood of a training and of a validation code, iterations, seconds."""
     start, model = time.perf_counter(), copy.deepcopy(model).cpu()
     mixture, log_likelihoods = fit_mixture(encode_split(model, train_images.cpu())[0], components)
     held_out = mixture.log_prob(encode_split(model, val_images.cpu())[0].double()).mean().item()
@@ -762,14 +754,11 @@ def fit_prior(model, train_images, val_images, components):
                      held_out, "iterations": len(log_likelihoods), "seconds": time.perf_counter() - start}
 
 
-def chosen_prior(args, model, config):
-    """generate's --prior: None for the report's N(0, I), else the mixture fitted to the checkpoint's training split."""
-    if args.prior == "normal":
-        return None
-    splits = [as_measured(images, config).to(next(model.parameters()).device)
-              for images in load_train_val(args.data_dir, config["val_fraction"], config["split_seed"])]
-    mixture, fit = fit_prior(model, *splits, args.components)
-    print(f"z from a {args.components}-component mixture of the training codes, fitted in {fit['seconds']:.1f} s")
+def mixture_prior(model, config, data_dir, components):
+    """The mixture fitted to the training codes of a checkpoint (generate --prior mixture, compare --figure)."""
+    measured, _, _ = load_splits(data_dir, config, next(model.parameters()).device)
+    mixture, fit = fit_prior(model, measured["train"], measured["val"], components)
+    print(f"z from a {components}-component mixture of the training codes, fitted in {fit['seconds']:.1f} s")
     return mixture
 
 
@@ -779,19 +768,24 @@ CLASSIFIER = Path(__file__).resolve().parent / "docs" / "classifier.pt"  # the s
 CLASSIFIER_SETTINGS = {"epochs": 10, "batch_size": 64, "lr": 1e-3, "lr_decay": 0.7}  # Adam on the training images
 SCORED_DIGITS = 10_000  # decoded from z ~ N(0, I) of EVAL_SEED, as many as the test images they are scored against
 RECOGNISED = 0.9  # a digit is recognised when the classifier gives its top class at least this probability
+RECOGNISED_AT = (0.5, 0.7, 0.9)  # the share recognised is also given at these top probabilities
 
 
-def digit_classifier():
-    """A LeNet-style CNN; the 128 features before its dropout (classifier[:-2]) are what the Fréchet distance sees."""
+def digit_classifier(architecture="cnn"):
+    """A LeNet-style CNN, or an MLP for a second opinion; the 128 features before the dropout (classifier[:-2]) are
+    what the Fréchet distance sees."""
+    if architecture == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                             nn.Dropout(0.5), nn.Linear(128, 10))
     return nn.Sequential(nn.Unflatten(1, (1, 28)), nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 128), nn.ReLU(),
                          nn.Dropout(0.5), nn.Linear(128, 10))
 
 
-def train_classifier(images, labels, seed):
+def train_classifier(images, labels, seed, architecture="cnn"):
     """CLASSIFIER_SETTINGS' epochs of Adam on the training images and labels, from `seed`, on the CPU."""
     torch.manual_seed(seed)
-    classifier = digit_classifier()
+    classifier = digit_classifier(architecture)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=CLASSIFIER_SETTINGS["lr"])
     decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, CLASSIFIER_SETTINGS["lr_decay"])
     for epoch in range(1, CLASSIFIER_SETTINGS["epochs"] + 1):
@@ -805,10 +799,12 @@ def train_classifier(images, labels, seed):
 
 
 def load_classifier(path):
-    """The classifier that `classifier` wrote to `path`, read with weights_only=True; a bad file is one line."""
-    classifier = digit_classifier()
+    """The classifier that `classifier` wrote to `path` (an MLP's has a layer 3), read with weights_only=True; a bad
+    file is one line."""
     try:
-        classifier.load_state_dict(read_checkpoint(path) if Path(path).is_file() else {})
+        state = read_checkpoint(path) if Path(path).is_file() else {}
+        classifier = digit_classifier("mlp" if "3.weight" in state else "cnn")
+        classifier.load_state_dict(state)
     except (UserError, RuntimeError, TypeError, AttributeError) as error:
         reason = gist(error) if Path(path).is_file() else "no such file"
         raise UserError(f"no digit classifier at {path} ({reason}); make one with python vae_lstm.py classifier "
@@ -839,14 +835,14 @@ def image_score(features, probabilities, reference_features):
     confidence, digit = probabilities.max(dim=1)
     return {"frechet": frechet_distance(features, reference_features),
             "recognised": (confidence >= RECOGNISED).double().mean().item(),
+            "recognised_at": {f"{p:g}": (confidence >= p).double().mean().item() for p in RECOGNISED_AT},
             "digits": torch.bincount(digit, minlength=10).tolist()}
 
 
 @torch.no_grad()
-def score(model, images, test_images, classifier, prior, figure=None):
-    """The score of SCORED_DIGITS digits of z ~ N(0, I) and of the fitted `prior`, and of the reconstructions of
-    `images` (evaluate's draws), against the grey test images (binarized models too: README); with a path, the
-    digits of N(0, I) by confidence."""
+def score(model, images, test_images, classifier, prior, figure=None, temperatures=()):
+    """The score of SCORED_DIGITS digits of N(0, I), `prior` and N(0, tau^2 I) for each temperature, and of the
+    reconstructions of `images`, against the grey test images; with a path, the digits of N(0, I) by confidence."""
     digits, generator = sample_digits(model, SCORED_DIGITS, EVAL_SEED), torch.Generator().manual_seed(EVAL_SEED)
     reconstructions = torch.cat([model(x, generator)[0] for x in images.split(EVAL_BATCH_SIZE)])
     (reference, _), (features, probabilities) = classify(classifier, test_images), classify(classifier, digits)
@@ -855,7 +851,9 @@ def score(model, images, test_images, classifier, prior, figure=None):
     return {"samples": image_score(features, probabilities, reference),
             "mixture": image_score(*classify(classifier, sample_digits(model, SCORED_DIGITS, EVAL_SEED, prior)),
                                    reference),
-            "reconstructions": image_score(*classify(classifier, reconstructions), reference)}
+            "reconstructions": image_score(*classify(classifier, reconstructions), reference),
+            **{f"temperature {tau:g}": image_score(*classify(classifier, sample_digits(
+                model, SCORED_DIGITS, EVAL_SEED, temperature=tau)), reference) for tau in temperatures}}
 
 
 def score_line(scores):
@@ -873,13 +871,10 @@ def plot_by_confidence(digits, probabilities, path, n=50):
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.3))
     order = confidence.argsort()
     for axis, chosen, which in zip(axes, (order[:n], order.flip(0)[:n]), ("least", "most")):
-        grid = torchvision.utils.make_grid(digits[chosen], nrow=10, padding=2, pad_value=0.5)
-        axis.imshow(grid.permute(1, 2, 0).numpy())
+        show_grid(axis, digits[chosen], 10, f"the {n} {which} recognisable of {len(digits):,} generated digits", 10)
         for i, index in enumerate(chosen.tolist()):
             axis.text(30 * (i % 10) + 3, 30 * (i // 10) + 8, f"{digit[index]} {confidence[index]:.2f}", fontsize=6,
                       color="yellow")
-        axis.set_title(f"the {n} {which} recognisable of {len(digits):,} generated digits", fontsize=10)
-        axis.axis("off")
     save_figure(figure, path)
 
 
@@ -889,24 +884,71 @@ def classifier_command(args):
     (train_images, train_labels), (test_images, test_labels) = (load_mnist(args.data_dir, test_set, labels=True)
                                                                  for test_set in (False, True))
     start = time.perf_counter()
-    classifier = train_classifier(train_images, train_labels, args.seed)
+    classifier = train_classifier(train_images, train_labels, args.seed, args.architecture)
     reference, probabilities = classify(classifier, test_images)
     accuracy = (probabilities.argmax(dim=1) == test_labels).double().mean().item()
     scale = {name: image_score(*classify(classifier, images), reference) for name, images in (
         ("training images", train_images[:SCORED_DIGITS]),  # the floor: as many as the digits scored
+        ("test images", test_images),  # the share recognised of the images themselves
         ("test images blurred, sigma 1", torchvision.transforms.functional.gaussian_blur(test_images, 7, 1.0)))}
     save_checkpoint(classifier.state_dict(), out)
-    write_json({"test_accuracy": accuracy, "settings": {**CLASSIFIER_SETTINGS, "seed": args.seed},
+    write_json({"test_accuracy": accuracy, "settings": {**CLASSIFIER_SETTINGS, "seed": args.seed,
+                                                              "architecture": args.architecture},
                 "reference_scores": scale, "seconds": time.perf_counter() - start,
                 "machine": machine(torch.device("cpu"))}, out.with_suffix(".json"))
     print(f"test accuracy {accuracy:.2%}; written to {out} and {out.with_suffix('.json')}")
+
+
+# ----------------------------------------- Everything beyond the report, for train and for the evaluate command
+
+def beyond_the_report(model, measured, grey_test, split, kl, classifier, components, figure=None, explore_to=None,
+                      temperatures=(), holes=False):
+    """Part 2 on a split: the surgery of its KL `kl`, the mixture prior, the score (its figure to a path), with
+    (labels, folder, checkpoint) the test images' latent space explored, with `holes` the priors' holes."""
+    beyond = {"surgery": elbo_surgery(*encode_split(model, measured[split]), kl)}
+    prior, beyond["mixture_fit"] = fit_prior(model, measured["train"], measured["val"], components)
+    beyond["score"] = score(model, measured[split], grey_test, classifier, prior, figure, temperatures)
+    if explore_to:
+        beyond["exploration"] = explore(model, measured["test"], *explore_to)
+    if holes:  # of the training codes encoded on the CPU, as the mixture's
+        beyond["holes"] = prior_holes(*encode_split(copy.deepcopy(model).cpu(), measured["train"].cpu()), prior)
+    return beyond
+
+
+def evaluate_command(args):
+    device = resolve_device(args.device)
+    model, config = load_model(args.checkpoint, device)
+    classifier = load_classifier(args.classifier)
+    json_path = output_path(args.json, args.checkpoint, "evaluation.json")
+    check_out_dir(json_path.parent)
+    measured, grey, _ = load_splits(args.data_dir, config, device)
+    images = measured[args.split]
+    losses = evaluate(model, images, config["kl_weight"])
+    beyond = beyond_the_report(model, measured, grey["test"], args.split, losses["kl"], classifier, args.components,
+                               json_path.with_name("digits_by_confidence.png"), None, args.temperatures, args.holes)
+    evaluation = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(images),
+                  "binarize": config["binarize"], **losses, **beyond.pop("surgery"), "machine": machine(device)}
+    line = (f"{args.split}: {len(images)}{' binarized' if config['binarize'] else ''} images, per image: "
+            f"BCE {evaluation['bce']:.2f}, KL {evaluation['kl']:.2f}, total {evaluation['total']:.2f}")
+    if args.iw_samples > 1:
+        start, key = time.perf_counter(), "iw_nll" if config["binarize"] else "iw_bound"
+        estimate = importance_weighted_nll(model, images, args.iw_samples).mean().item()
+        evaluation.update({"iw_samples": args.iw_samples, key: estimate, "iw_meaning": IW_MEANING[key],
+                           "iw_seconds": time.perf_counter() - start})
+        line += f"; {estimate:.2f} with K={args.iw_samples}: {IW_MEANING[key].split(':')[0]}"
+    if args.gaps:
+        evaluation["gaps"] = amortization_gaps(model, images, args.gaps)
+    evaluation.update(beyond)
+    write_json(evaluation, json_path)
+    print(f"{line}\n{surgery_line(evaluation)}\n{score_line(evaluation['score'])}\nwritten to {json_path} and "
+          f"digits_by_confidence.png beside it")
 
 
 # ---------------------------------------- Comparing runs: one row per run, the mean of each variant, their digits
 
 COMPARED = ("test_elbo", "test_bce", "test_kl", "test_mutual_information", "test_marginal_kl", "iw", "samples_frechet",
             "samples_recognised", "mixture_frechet", "mixture_recognised", "reconstructions_frechet", "active_units",
-            "best_epoch", "seconds_per_epoch")
+            "amortization_gap", "approximation_gap", "prior_holes", "mixture_holes", "best_epoch", "seconds_per_epoch")
 
 
 def variant_name(config):
@@ -934,6 +976,8 @@ def run_row(folder):
             "iw_samples": evaluation.get("iw_samples"), "iw": evaluation.get("iw_nll", evaluation.get("iw_bound")),
             "iw_is": "-log p(x)" if "iw_nll" in evaluation else "bound" if "iw_bound" in evaluation else None,
             "iw_seconds": evaluation.get("iw_seconds"),
+            **{gap: evaluation.get("gaps", {}).get(gap) for gap in ("amortization_gap", "approximation_gap")},
+            **{holes: evaluation.get("holes", {}).get(holes, {}).get("kl") for holes in ("prior_holes", "mixture_holes")},
             **{f"{kind}_{name}": results.get("score", {}).get(kind, {}).get(name)
                for kind in ("samples", "mixture", "reconstructions") for name in ("frechet", "recognised")},
             "active_units": read_json(folder / "exploration.json")["active_units"],
@@ -963,8 +1007,7 @@ def variant_table(rows):
 
 
 def plot_variant_samples(folders, rows, path, data_dir=None, n=100):
-    """The n digits that `generate --n n` draws from the first run of each variant, side by side; with the data,
-    below them those of `generate --prior mixture`."""
+    """What `generate --n n` draws from each variant's first run; with the data, `--prior mixture`'s below."""
     firsts = {}
     for folder, row in zip(folders, rows):
         firsts.setdefault(row["variant"], folder)
@@ -974,13 +1017,9 @@ def plot_variant_samples(folders, rows, path, data_dir=None, n=100):
     for column, (variant, folder) in zip(axes.T, firsts.items()):
         model, config = load_model(folder / "best_model.pt", "cpu")
         for axis, prior in zip(column, priors):
-            options = argparse.Namespace(prior=prior, data_dir=data_dir, components=MIXTURE_COMPONENTS)
-            grid = torchvision.utils.make_grid(sample_digits(model, n, 0, chosen_prior(options, model, config)),
-                                               nrow=math.isqrt(n), padding=2, pad_value=0.5)
-            axis.imshow(grid.permute(1, 2, 0).numpy())
-            axis.set_title(variant.replace(" --", "\n--") + ("\nmixture prior" if prior == "mixture" else ""),
-                           fontsize=9)
-            axis.axis("off")
+            mixture = mixture_prior(model, config, data_dir, MIXTURE_COMPONENTS) if prior == "mixture" else None
+            show_grid(axis, sample_digits(model, n, 0, mixture), math.isqrt(n),
+                      variant.replace(" --", "\n--") + ("\nmixture prior" if prior == "mixture" else ""), 9)
     save_figure(figure, path)
 
 
@@ -1003,14 +1042,20 @@ def plot_rate_distortion(rows, path):
 
 
 def compare_command(args):
-    folders = [Path(folder) for folder in args.runs]
-    rows = [run_row(folder) for folder in folders]
-    if args.csv:
-        check_out_dir(Path(args.csv).parent)
-        write_csv(rows, args.csv)
     for path in filter(None, (args.figure, args.rate_distortion)):
         figure_format(path)
+    for path in filter(None, (args.csv, args.figure, args.rate_distortion)):
         check_out_dir(Path(path).parent)
+    if missing := [folder for folder in args.runs if not Path(folder).is_dir()]:
+        raise UserError(f"no run folder at {missing[0]}")
+    folders = [Path(folder) for folder in args.runs if Path(folder, "results.json").exists()]
+    if not folders:
+        raise UserError("none of the folders holds a finished run (a results.json)")
+    for skipped in sorted(set(map(Path, args.runs)) - set(folders)):
+        print(f"note: {skipped} holds no finished run (no results.json): skipped", file=sys.stderr)
+    rows = [run_row(folder) for folder in folders]
+    if args.csv:
+        write_csv(rows, args.csv)
     if args.figure:
         plot_variant_samples(folders, rows, args.figure, args.data_dir)
     if args.rate_distortion:
@@ -1060,11 +1105,16 @@ PUBLISHED = Path(__file__).resolve().parent / "docs" / "runs"  # the runs behind
 PUBLISHED_MODEL = PUBLISHED / "design-report-seed0" / "best_model.pt"  # the README's first check
 
 
-def default_out(checkpoint):
-    """Where generate, evaluate and explore write unless told: beside the checkpoint, but for a published model
-    (docs/runs/NAME) in runs/published/NAME, so that the published files stay as they were measured."""
+BESIDE = "beside the checkpoint, or in runs/published/NAME for a published model"  # where output_path writes
+
+
+def output_path(given, checkpoint, name=""):
+    """--out or --json as given, else `name` BESIDE: generate, evaluate and explore leave the published files as
+    they were measured."""
+    if given:
+        return Path(given)
     folder = Path(checkpoint).parent
-    return Path("runs", "published", folder.name) if folder.resolve().parent == PUBLISHED else folder
+    return (Path("runs", "published", folder.name) if folder.resolve().parent == PUBLISHED else folder) / name
 
 
 def write_atomically(path, write):
@@ -1108,6 +1158,13 @@ def save_grid(images, path, nrow):
     name = picture_format(path)
     write_atomically(path, lambda file: torchvision.utils.save_image(images, file, nrow=nrow, format=name, padding=2,
                                                                       pad_value=0.5))
+
+
+def show_grid(axis, images, nrow, title, fontsize):
+    """Digits drawn on a matplotlib axis as torchvision's grid, as save_grid writes them."""
+    axis.imshow(torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=0.5).permute(1, 2, 0).numpy())
+    axis.set_title(title, fontsize=fontsize)
+    axis.axis("off")
 
 
 def save_figure(figure, path):
@@ -1263,10 +1320,8 @@ def machine(device):
 
 
 def graphed_step(model, optimizer, x, kl_weight):
-    """train_step as one CUDA graph, replayed for each batch of x's shape (a short last batch eagerly): its ~185
-    kernels launched at once, not one by one, with the same bits (docs/study.md). Captured after warm-up steps,
-    which make Adam's state; the weights, that state and CUDA's random state are then put back as they were.
-    Where capture fails, train_step."""
+    """train_step as one CUDA graph, replayed for each batch of x's shape (a short last batch eagerly), captured
+    after warm-up steps whose changes are then undone; where capture fails, train_step."""
     weights = [parameter.detach().clone() for parameter in model.parameters()]
     moments = {key: {name: value.clone() for name, value in state.items()} for key, state in optimizer.state.items()}
     random_state = torch.cuda.get_rng_state()
@@ -1403,24 +1458,29 @@ def parse_args(argv=None):
     generate_parser.add_argument("--seed", type=SEED, default=0, help="seed of the z draws")
     generate_parser.add_argument("--prior", choices=["normal", "mixture"], default="normal", help="z from the "
                                  "report's N(0, I), or from a Gaussian mixture fitted to the training split's codes")
-    generate_parser.add_argument("--out", help="picture to write, in the format its suffix names (.png, .jpg, ...; "
-                                               "default: generated.png, or generated_mixture.png, beside the "
-                                               "checkpoint, or in runs/published/NAME for a published model)")
+    generate_parser.add_argument("--out", help=f"picture to write, in the format its suffix names (.png, .jpg, ...; "
+                                               f"default: generated.png, or generated_mixture.png, {BESIDE})")
 
     evaluate_parser = add("evaluate", "per-image losses of a split, and an importance-weighted bound")
     evaluate_parser.add_argument("--split", choices=["train", "val", "test"], default="test", help="which images")
     evaluate_parser.add_argument("--iw-samples", type=NATURAL, default=0, help="K > 1 adds the importance-weighted "
                                  "estimate, K samples an image: -log p(x) with --binarize, else a bound (README)")
-    evaluate_parser.add_argument("--json", help="JSON to write (default: evaluation.json beside the checkpoint, or in "
-                                                "runs/published/NAME for a published model)")
+    evaluate_parser.add_argument("--gaps", type=POSITIVE_INT, help="the amortization and approximation gaps on this "
+                                 "many images of the split (Cremer et al., 2018)")
+    evaluate_parser.add_argument("--holes", action="store_true", help="KL(N(0, I) || q(z)) and KL(mixture || q(z)): "
+                                 "where each prior puts mass and no training code lives")
+    evaluate_parser.add_argument("--temperatures", type=POSITIVE, nargs="+", default=(), metavar="TAU",
+                                 help="also score the digits of z ~ N(0, TAU^2 I)")
+    evaluate_parser.add_argument("--json", help=f"JSON to write (default: evaluation.json {BESIDE})")
 
     explore_parser = add("explore", "the latent space on the test set: interpolation, map by digit, active units")
-    explore_parser.add_argument("--out", help="folder for its four files (default: the checkpoint's folder, or "
-                                              "runs/published/NAME for a published model)")
+    explore_parser.add_argument("--out", help=f"folder for its four files (default: {BESIDE})")
 
     classifier_parser = add("classifier", "train the digit classifier that scores a model's digits (shipped: "
                                           "docs/classifier.pt)")
     classifier_parser.add_argument("--seed", type=SEED, default=0, help="torch seed: initial weights, batch order")
+    classifier_parser.add_argument("--architecture", choices=["cnn", "mlp"], default="cnn", help="the shipped "
+                                   "LeNet-style CNN, or an MLP (shipped: docs/classifier_mlp.pt) for a second opinion")
     classifier_parser.add_argument("--out", default="runs/classifier/classifier.pt", help="the classifier to write, "
                                    "and beside it its JSON: test accuracy, settings, reference scores")
 
