@@ -19,6 +19,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -670,6 +671,32 @@ def test_training_stops_at_the_right_epoch_keeps_the_best_and_resumes_to_nothing
     assert results["epochs_run"] == 6 and results["stop_reason"].startswith("early stopping")
 
 
+def test_the_seed_seeds_the_weights_the_batch_order_and_the_noise(reference_run, tiny_mnist, tmp_path, monkeypatch):
+    started, fit = [], vae_lstm.fit
+
+    def watched(config, model, *args):
+        started.append(copy_of_weights(model))
+        return fit(config, model, *args)
+    monkeypatch.setattr(vae_lstm, "fit", watched)
+    for name in ("a", "b"):  # seed 1 twice
+        assert main(train_args(tiny_mnist, tmp_path / name, "--epochs", "1", "--seed", "1")) == 0
+    torch.manual_seed(1)
+    expected = VAE().state_dict()
+    assert all(torch.equal(weights, expected[name]) for name, weights in started[0].items())
+    first_epochs = [first_epoch(folder) for folder in (tmp_path / "a", tmp_path / "b", reference_run[0])]
+    assert first_epochs[0] == first_epochs[1] and first_epochs[0] != first_epochs[2]  # seed 0 trained another run
+
+
+def copy_of_weights(model):
+    return {name: weights.clone() for name, weights in model.state_dict().items()}
+
+
+def first_epoch(folder):
+    """The first row of a run's history.csv, but for its seconds."""
+    row = next(csv.DictReader(io.StringIO((folder / "history.csv").read_text())))
+    return {name: value for name, value in row.items() if "seconds" not in name}
+
+
 def test_the_best_model_is_tested_not_the_last(tiny_mnist, tmp_path, monkeypatch):
     train_epoch = vae_lstm.train_epoch
 
@@ -809,14 +836,21 @@ def test_evaluation_and_the_score_take_eval_batch_size_images_at_a_time(monkeypa
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
-def test_evaluate_measures_the_split_it_names_as_train_did(split, reference_run, tiny_mnist, tmp_path, capsys):
-    out = reference_run[0]
+@pytest.mark.parametrize("run", ["report", "conv"])  # the latter trained at --kl-weight 2
+def test_evaluate_measures_the_split_it_names_as_train_did(split, run, reference_run, variant_runs, tiny_mnist,
+                                                           tmp_path, capsys):
+    out = reference_run[0] if run == "report" else variant_runs[run]
     assert main(["evaluate", "--device", "cpu", "--checkpoint", str(out / "best_model.pt"), "--data-dir",
                  str(tiny_mnist), "--split", split, "--json", str(tmp_path / "evaluation.json")]) == 0
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert evaluation["split"] == split and evaluation["images"] == {"train": 180, "val": 20, "test": TINY_TEST}[split]
     for part in ("bce", "kl", "total"):  # the same z, so the numbers that train measured
         assert evaluation[part] == pytest.approx(read_results(out)[split][part], rel=1e-6), part
+    model, config = vae_lstm.load_model(out / "best_model.pt", "cpu")  # the KL of this split's codes is split
+    codes = vae_lstm.encode_split(model, vae_lstm.load_splits(tiny_mnist, config, "cpu")[0][split])
+    assert {name: evaluation[name] for name in ("mutual_information", "marginal_kl")} == vae_lstm.elbo_surgery(
+        *codes, evaluation["kl"])
+    assert evaluation["total"] == pytest.approx(evaluation["bce"] + config["kl_weight"] * evaluation["kl"], rel=1e-6)
     assert evaluation["machine"] == vae_lstm.machine(torch.device("cpu"))  # where the numbers come from
     assert evaluation["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # AVX2 or AVX512
     assert f"{split}: {evaluation['images']} images, per image: BCE {evaluation['bce']:.2f}" in capsys.readouterr().out
@@ -1326,6 +1360,31 @@ def test_posteriors_far_apart_carry_log_n_nats_the_most_that_n_images_can(n):
     assert split["mutual_information"] + split["marginal_kl"] == pytest.approx(30.0)
 
 
+def standard_normal_mixture(d):
+    """N(0, I) as a mixture of one Gaussian, as fit_mixture returns them."""
+    return vae_lstm.MixtureSameFamily(vae_lstm.Categorical(probs=torch.ones(1, dtype=torch.float64)),
+                                      vae_lstm.MultivariateNormal(torch.zeros(1, d, dtype=torch.float64),
+                                                                  torch.eye(d, dtype=torch.float64).unsqueeze(0)))
+
+
+def test_a_prior_equal_to_the_codes_aggregate_has_no_holes():
+    holes = vae_lstm.prior_holes(torch.zeros(50, 6), torch.zeros(50, 6), standard_normal_mixture(6))  # q(z) = N(0, I)
+    for name in ("prior_holes", "mixture_holes"):
+        assert holes[name]["kl"] == pytest.approx(0, abs=1e-9), name
+        assert holes[name]["standard_error"] == pytest.approx(0, abs=1e-9), name
+
+
+def test_the_holes_of_a_prior_wider_than_the_codes_are_its_kl_within_its_standard_error():
+    d, s = 4, 0.5  # every posterior N(0, s^2 I): KL(N(0, I) || N(0, s^2 I)) = d/2 (1/s^2 - 1 + 2 log s) = 3.23
+    holes = vae_lstm.prior_holes(torch.zeros(30, d), torch.full((30, d), 2 * math.log(s)), standard_normal_mixture(d))
+    closed_form = d / 2 * (1 / s**2 - 1 + 2 * math.log(s))
+    for name in ("prior_holes", "mixture_holes"):
+        kl, error = holes[name]["kl"], holes[name]["standard_error"]
+        assert abs(kl - closed_form) < 4 * error and error == pytest.approx(1.5 * math.sqrt(2 * d / 200), rel=0.3)
+    assert vae_lstm.prior_holes(torch.zeros(30, d), torch.full((30, d), 2 * math.log(s)),
+                                standard_normal_mixture(d)) == holes  # drawn from a seed: the same each time
+
+
 def test_the_surgery_of_a_model_is_at_most_log_n_and_the_same_each_time(reference_run, tiny_mnist):
     model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
     images = vae_lstm.load_mnist(tiny_mnist, test_set=True)
@@ -1378,6 +1437,93 @@ def test_a_run_of_a_version_before_a_setting_resumes_with_its_default(reference_
     del last["config"]["conv_encoder"]  # as the runs trained before --conv-encoder hold it
     torch.save(last, reference_copy / "last.pt")
     assert main(train_args(tiny_mnist, reference_copy, "--epochs", str(TINY_EPOCHS + 1), "--resume")) == 0
+
+
+# ------------------------------------------------ The amortization gap (Cremer et al., 2018; evaluate --gaps N)
+
+def optimally_encoding_vae():
+    """A VAE whose decoder ignores z and whose encoder outputs N(0, I): the best q there is for that decoder."""
+    torch.manual_seed(0)
+    model = VAE()
+    with torch.no_grad():
+        for layer in (model.decoder_list[-1], model.encoder_mu, model.encoder_logvar):
+            layer.weight.zero_()
+        model.encoder_mu.bias.zero_()
+        model.encoder_logvar.bias.zero_()
+    return model
+
+
+def test_an_encoder_that_already_outputs_the_optimum_has_no_amortization_gap(monkeypatch):
+    monkeypatch.setitem(vae_lstm.GAP_SETTINGS, "iw_samples", 20)
+    gaps = vae_lstm.amortization_gaps(optimally_encoding_vae(), torch.rand(30, 28, 28), 20)
+    assert gaps["amortization_gap"] == 0 and gaps["steps"] == 100  # Adam did not move it: one check, and it stopped
+    assert gaps["approximation_gap"] == pytest.approx(0, abs=1e-3)  # nor does importance weighting gain anything
+    assert gaps["images"] == 20 and gaps["settings"]["iw_samples"] == 20
+
+
+def test_optimising_q_closes_the_gap_that_an_encoder_leaves(reference_run, tiny_mnist, monkeypatch):
+    monkeypatch.setitem(vae_lstm.GAP_SETTINGS, "iw_samples", 20)
+    model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
+    images = vae_lstm.load_mnist(tiny_mnist, test_set=True)
+    gaps = vae_lstm.amortization_gaps(model, images, 20)
+    chosen = images[torch.randperm(50, generator=torch.Generator().manual_seed(0))[:20]]  # 20 of 50, from EVAL_SEED
+    with torch.no_grad():  # their -ELBO another way: 400 draws each, the KL of torch.distributions
+        mu, logvar = model.encode(chosen)
+        q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+        bce = torch.stack([torch.nn.functional.binary_cross_entropy(model.decode(z), chosen.unsqueeze(1),
+                                                                    reduction="none").sum((1, 2, 3))
+                           for z in q.sample((400,))]).mean(0)
+        kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(1)
+    assert gaps["amortized"] == pytest.approx((bce + kl).mean().item(), abs=1.0)
+    with torch.no_grad():
+        model.encoder_mu.bias += 1  # every code moved off its place: the KL alone grows by 64 / 2 nats
+    far = vae_lstm.amortization_gaps(model, images, 20)
+    assert far["amortized"] > gaps["amortized"] + 30 and far["amortization_gap"] > gaps["amortization_gap"] + 25
+    assert far["steps"] % 100 == 0 and far["steps"] > gaps["steps"]  # more steps to close a wider gap
+    for measured in (gaps, far):
+        assert measured["amortization_gap"] == pytest.approx(measured["amortized"] - measured["optimised"])
+        assert measured["approximation_gap"] == pytest.approx(measured["optimised"] - measured["iw_bound"])
+        assert measured["iw_bound"] <= measured["optimised"] + 0.5 and measured["amortization_gap"] > 0
+    assert vae_lstm.amortization_gaps(model, images, 20) == far  # drawn from seeded CPU generators
+
+
+def test_evaluate_measures_the_gaps_holes_and_temperatures_it_is_asked_for_and_compare_shows_them(
+        reference_copy, tiny_mnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(vae_lstm.GAP_SETTINGS, "iw_samples", 20)
+    argv = ["evaluate", "--device", "cpu", "--checkpoint", str(reference_copy / "best_model.pt"), "--data-dir",
+            str(tiny_mnist)]
+    assert main([*argv, "--json", str(tmp_path / "plain.json")]) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())  # without the flags, none of it
+    assert not {"gaps", "holes"} & set(plain) and set(plain["score"]) == {"samples", "mixture", "reconstructions"}
+    assert main([*argv, "--gaps", "10", "--holes", "--temperatures", "1", "0.5"]) == 0
+    evaluation = json.loads((reference_copy / "evaluation.json").read_text())
+    model, config = vae_lstm.load_model(reference_copy / "best_model.pt", "cpu")
+    measured = vae_lstm.load_splits(tiny_mnist, config, "cpu")[0]
+    assert evaluation["gaps"] == vae_lstm.amortization_gaps(model, measured["test"], 10)
+    prior = vae_lstm.fit_prior(model, measured["train"], measured["val"], vae_lstm.MIXTURE_COMPONENTS)[0]
+    assert evaluation["holes"] == vae_lstm.prior_holes(*vae_lstm.encode_split(model, measured["train"]), prior)
+    assert evaluation["score"]["temperature 1"] == evaluation["score"]["samples"]  # tau = 1 draws N(0, I)'s digits
+    assert evaluation["score"]["temperature 0.5"] != evaluation["score"]["samples"]
+    assert main(["compare", str(reference_copy), "--csv", str(tmp_path / "runs.csv")]) == 0
+    row = next(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))
+    assert [float(row[name]) for name in ("amortization_gap", "approximation_gap", "prior_holes", "mixture_holes")] == [
+        evaluation["gaps"]["amortization_gap"], evaluation["gaps"]["approximation_gap"],
+        evaluation["holes"]["prior_holes"]["kl"], evaluation["holes"]["mixture_holes"]["kl"]]
+
+
+def test_gaps_over_more_images_than_the_split_holds_are_one_line(reference_run, tiny_mnist, tmp_path, capsys):
+    assert main(["evaluate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir",
+                 str(tiny_mnist), "--gaps", "51", "--json", str(tmp_path / "e.json")]) == 2
+    one_error_line(capsys.readouterr(), "--gaps 51 is more than the 50 images of the split")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_a_temperature_scales_the_codes_and_1_draws_the_digits_of_n_0_i():
+    model = VAE().eval()
+    assert torch.equal(vae_lstm.sample_digits(model, 6, 3, temperature=1.0), vae_lstm.sample_digits(model, 6, 3))
+    z = torch.randn((6, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(vae_lstm.sample_digits(model, 6, 3, temperature=0.5), model.decode(z * 0.5))
 
 
 # ---------------------- A prior fitted to the codes (generate --prior mixture; Ghosh et al., 2020, "ex-post density")
@@ -1542,6 +1688,7 @@ def test_a_digit_is_recognised_from_a_top_probability_of_0_9_and_each_digit_is_c
     features = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     scores = vae_lstm.image_score(features, probabilities, features + 2)
     assert scores["recognised"] == 3 / 5 and scores["digits"] == [3, 1, 0, 0, 0, 0, 0, 1, 0, 0]
+    assert scores["recognised_at"] == {"0.5": 1.0, "0.7": 4 / 5, "0.9": 3 / 5}
     assert scores["frechet"] == pytest.approx(3 * 2**2)  # shifted by 2 in each of 3 features, the same spread
 
 
@@ -1647,6 +1794,30 @@ def test_the_classifier_trains_reproducibly_from_a_seed_on_the_training_images_o
         "test images blurred, sigma 1": vae_lstm.image_score(*vae_lstm.classify(classifier, blurred), reference)}
 
 
+def test_a_second_classifier_of_another_architecture_is_one_command(tiny_mnist, tmp_path, capsys):
+    assert main(["classifier", "--architecture", "mlp", "--data-dir", str(tiny_mnist), "--out",
+                 str(tmp_path / "mlp.pt")]) == 0
+    classifier = vae_lstm.load_classifier(tmp_path / "mlp.pt")
+    assert isinstance(classifier[0], torch.nn.Flatten) and classifier[1].in_features == 28 * 28
+    assert json.loads((tmp_path / "mlp.json").read_text())["settings"]["architecture"] == "mlp"
+    features, probabilities = vae_lstm.classify(classifier, vae_lstm.load_mnist(tiny_mnist, test_set=True))
+    assert features.shape == (TINY_TEST, 128) and probabilities.sum(1).allclose(torch.ones(TINY_TEST))
+
+
+def test_the_classifier_decays_its_learning_rate_once_an_epoch(tiny_mnist, monkeypatch):
+    rates, step = [], torch.optim.Adam.step
+
+    def watched(optimizer, *args, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return step(optimizer, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.Adam, "step", watched)
+    images, labels = vae_lstm.load_mnist(tiny_mnist, labels=True)  # 200 images: 4 batches an epoch
+    vae_lstm.train_classifier(images, labels, seed=0)
+    settings = vae_lstm.CLASSIFIER_SETTINGS
+    assert rates == pytest.approx([settings["lr"] * settings["lr_decay"] ** epoch for epoch in range(settings["epochs"])
+                                   for _ in range(4)], rel=1e-12)
+
+
 @pytest.fixture(scope="module")
 def shipped_classifier():
     return vae_lstm.load_classifier(vae_lstm.CLASSIFIER)
@@ -1664,6 +1835,14 @@ def test_the_shipped_classifier_recognises_99_percent_of_the_test_images(shipped
     record = json.loads(vae_lstm.CLASSIFIER.with_suffix(".json").read_text())
     assert accuracy >= 0.99 and accuracy == pytest.approx(record["test_accuracy"], abs=2e-4)  # an image or two
     assert vae_lstm.CLASSIFIER.stat().st_size <= 2**20
+
+
+def test_the_shipped_mlp_classifier_gives_its_recorded_test_accuracy():
+    classifier = vae_lstm.load_classifier(HERE / "docs" / "classifier_mlp.pt")
+    images, labels = vae_lstm.load_mnist(real_mnist(), test_set=True, labels=True)
+    accuracy = (vae_lstm.classify(classifier, images)[1].argmax(1) == labels).double().mean().item()
+    record = json.loads((HERE / "docs" / "classifier_mlp.json").read_text())
+    assert isinstance(classifier[0], torch.nn.Flatten) and accuracy == record["test_accuracy"] > 0.97
 
 
 def test_the_score_grows_with_blur_and_noise_and_the_training_images_score_lowest(
@@ -1802,6 +1981,40 @@ def test_compare_draws_the_rate_distortion_plane_and_the_mixture_s_digits(refere
     assert drawn == [[(read_results(run)["test"]["kl"], read_results(run)["test"]["bce"]) for run in runs]]
     assert len(fitted) == 2  # one mixture for each variant's digits, below those of N(0, I)
     assert Image.open(tmp_path / "plane.png").format == "PNG" and Image.open(tmp_path / "digits.png").format == "PNG"
+
+
+def test_the_rate_distortion_plane_puts_the_kl_across_and_the_bce_up(reference_run, variant_runs, tmp_path, drawn):
+    runs = [reference_run[0], variant_runs["conv"]]
+    assert main(["compare", *map(str, runs), "--rate-distortion", str(tmp_path / "plane.png")]) == 0
+    axes = drawn["plane.png"].axes[0]
+    points = [point for points in axes.collections for point in points.get_offsets().tolist()]
+    expected = [[read_results(run)["test"][part] for part in ("kl", "bce")] for run in runs]
+    assert np.allclose(points, expected, rtol=1e-12, atol=0)
+    assert axes.get_xlabel().startswith("KL, the rate") and axes.get_ylabel().startswith("BCE, the distortion")
+
+
+@pytest.mark.parametrize("flag, name", [("--csv", "runs.csv"), ("--figure", "digits.png"),
+                                        ("--rate-distortion", "plane.png")])
+def test_compare_refuses_an_output_it_cannot_write_before_it_reads_a_run(flag, name, reference_run, tmp_path,
+                                                                         monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(vae_lstm, "run_row", lambda folder: pytest.fail("read a run first"))
+    outputs = {other: str(tmp_path / ("a_file" if other == flag else "written") / file) for other, file in (
+        ("--csv", "runs.csv"), ("--figure", "digits.png"), ("--rate-distortion", "plane.png"))}
+    assert main(["compare", str(reference_run[0]), *(item for pair in outputs.items() for item in pair)]) == 2
+    one_error_line(capsys.readouterr(), f"{tmp_path / 'a_file'} is a file, not a folder")
+    assert not [path for path in tmp_path.rglob("*") if path.is_file() and path.name != "a_file"]
+
+
+def test_compare_fits_each_run_s_mixture_under_that_run_s_own_settings(grey_mnist, tmp_path, monkeypatch, figures):
+    run = tmp_path / "run"  # binarized, and another split than the report's
+    assert main(train_args(grey_mnist, run, "--epochs", "1", "--binarize", "--val-fraction", "0.2", "--split-seed",
+                           "7")) == 0
+    fitted = watched_calls(monkeypatch, "fit_mixture", 0)
+    assert main(["compare", str(run), "--figure", str(tmp_path / "digits.png"), "--data-dir", str(grey_mnist)]) == 0
+    model, _ = vae_lstm.load_model(run / "best_model.pt", "cpu")
+    train_images = vae_lstm.load_mnist(grey_mnist)[split_indices(200, 0.2, 7)[0]]
+    assert torch.equal(fitted[0], vae_lstm.encode_split(model, binarized(train_images))[0])
 
 
 def test_compare_judges_a_run_trained_at_another_kl_weight_by_its_elbo(variant_runs, tmp_path):
@@ -1956,6 +2169,29 @@ def test_unusable_out_folders_are_refused_before_training(out, words, tmp_path, 
     (tmp_path / "a_file").write_text("not a folder")
     assert main(train_args(tmp_path / "no data", tmp_path / out)) == 2  # told before any data is read
     one_error_line(capsys.readouterr(), *words)
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "evaluate", "explore", "classifier", "compare"])
+def test_a_folder_that_refuses_writing_is_refused_before_any_work(command, reference_run, tiny_mnist, tmp_path,
+                                                                  monkeypatch, capsys):
+    refusing, temporary_file = tmp_path / "refusing", tempfile.TemporaryFile
+    refusing.mkdir()  # there, but not writable: as a read-only mount or another user's folder, even to root
+
+    def refuse(*args, dir=None, **kwargs):
+        if Path(dir) == refusing:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return temporary_file(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    for work in ("load_mnist", "run_row", "sample_digits"):
+        monkeypatch.setattr(vae_lstm, work, lambda *args, **kwargs: pytest.fail("work began before the check"))
+    model = ["--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt")]
+    argv = {"train": train_args(tiny_mnist, refusing), "generate": ["generate", *model, "--out", str(refusing / "g.png")],
+            "evaluate": ["evaluate", *model, "--json", str(refusing / "e.json")],
+            "explore": ["explore", *model, "--out", str(refusing)],
+            "classifier": ["classifier", "--out", str(refusing / "c.pt")],
+            "compare": ["compare", str(reference_run[0]), "--csv", str(refusing / "runs.csv")]}[command]
+    assert main(argv) == 2
+    one_error_line(capsys.readouterr(), f"cannot write to {refusing}: {os.strerror(errno.EACCES)}")
 
 
 def test_a_second_run_into_a_run_folder_is_refused(reference_copy, tiny_mnist, capsys):
@@ -2407,6 +2643,8 @@ def test_the_training_step_never_waits_for_the_gpu():
     ["generate", "--n", "0"], ["generate", "--nrow", "-2"], ["generate", "--seed", "-1"],
     ["generate", "--components", "0"], ["evaluate", "--components", "-1"], ["generate", "--prior", "uniform"],
     ["evaluate", "--iw-samples", "-3"], ["evaluate", "--split", "dev"], ["explore", "--device", "tpu"],
+    ["evaluate", "--gaps", "0"], ["evaluate", "--temperatures", "0"], ["evaluate", "--temperatures", "-0.7"],
+    ["classifier", "--architecture", "resnet"],
 ])
 def test_out_of_range_numbers_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as stopped:
