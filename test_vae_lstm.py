@@ -2185,7 +2185,8 @@ def test_a_folder_that_refuses_writing_is_refused_before_any_work(command, refer
     for work in ("load_mnist", "run_row", "sample_digits"):
         monkeypatch.setattr(vae_lstm, work, lambda *args, **kwargs: pytest.fail("work began before the check"))
     model = ["--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt")]
-    argv = {"train": train_args(tiny_mnist, refusing), "generate": ["generate", *model, "--out", str(refusing / "g.png")],
+    argv = {"train": train_args(tiny_mnist, refusing),
+            "generate": ["generate", *model, "--out", str(refusing / "g.png")],
             "evaluate": ["evaluate", *model, "--json", str(refusing / "e.json")],
             "explore": ["explore", *model, "--out", str(refusing)],
             "classifier": ["classifier", "--out", str(refusing / "c.pt")],

@@ -640,8 +640,7 @@ def elbo_surgery(mus, logvars, kl):
 def prior_holes(mus, logvars, mixture):
     """Where a prior p puts mass and no training code lives: KL(p || q(z)), q(z) the mean of the posteriors (mus,
     logvars), by SCORED_DIGITS draws of p from EVAL_SEED, with its standard error; p is N(0, I), then `mixture`."""
-    mus, logvars = mus.cpu().double(), logvars.cpu().double()
-    generator = torch.Generator().manual_seed(EVAL_SEED)
+    mus, logvars, generator = mus.cpu().double(), logvars.cpu().double(), torch.Generator().manual_seed(EVAL_SEED)
     normal = torch.randn((SCORED_DIGITS, mus.shape[1]), generator=generator, dtype=torch.float64)
     mixed = draw_codes(mixture, SCORED_DIGITS, generator).double()
     log_ratios = {"prior_holes": -0.5 * normal.pow(2).sum(1) - log_aggregate_posterior(normal, mus, logvars),
@@ -661,13 +660,11 @@ def surgery_line(losses):
 GAP_SETTINGS = {"lr": 0.01, "check_every": 100, "tolerance": 0.01, "samples": 100, "iw_samples": 1000}
 
 
-def elbo_by_draws(model, x, mu, logvar, eps):
-    """Per-image ELBO of q(z|x) = N(mu, sigma^2): the mean log-likelihood of z = mu + sigma * eps over the draws eps
-    (S, B, d), minus the closed-form KL."""
-    pixels = x.reshape(len(x), -1)
-    log_likelihoods = [-F.binary_cross_entropy(model.decode(mu + (0.5 * logvar).exp() * draw).flatten(1), pixels,
-                                               reduction="none").sum(1) for draw in eps]
-    return torch.stack(log_likelihoods).mean(0) - kl_per_dimension(mu, logvar).sum(1)
+def mean_loss(model, x, posterior, eps):
+    """The report's loss of an image of x, on average, under q = N(mu, sigma^2) with each of the draws eps (S, B, d)."""
+    mu, logvar = posterior
+    losses = [vae_loss(model.decode(mu + (0.5 * logvar).exp() * draw), x, mu, logvar)[0] for draw in eps]
+    return sum(losses) / eps[..., 0].numel()
 
 
 def amortization_gaps(model, images, n):
@@ -684,11 +681,10 @@ def amortization_gaps(model, images, n):
     while len(losses) < 2 or losses[-2] - losses[-1] >= GAP_SETTINGS["tolerance"]:
         for _ in range(GAP_SETTINGS["check_every"] if losses else 0):
             optimizer.zero_grad(set_to_none=True)
-            draw = cpu_normal((1, n, model.latent_dim), generator, x.device)
-            (-elbo_by_draws(model, x, *posterior, draw).sum()).backward()
+            mean_loss(model, x, posterior, cpu_normal((1, n, model.latent_dim), generator, x.device)).backward()
             optimizer.step()
         with torch.no_grad():
-            losses.append(-elbo_by_draws(model, x, *posterior, fixed).mean().item())
+            losses.append(mean_loss(model, x, posterior, fixed).item())
     bound = importance_weighted_nll(model, x, GAP_SETTINGS["iw_samples"], posteriors=posterior).mean().item()
     return {"images": n, "steps": GAP_SETTINGS["check_every"] * (len(losses) - 1), "amortized": losses[0],
             "optimised": losses[-1], "iw_bound": bound, "amortization_gap": losses[0] - losses[-1],
@@ -977,7 +973,7 @@ def run_row(folder):
             "iw_is": "-log p(x)" if "iw_nll" in evaluation else "bound" if "iw_bound" in evaluation else None,
             "iw_seconds": evaluation.get("iw_seconds"),
             **{gap: evaluation.get("gaps", {}).get(gap) for gap in ("amortization_gap", "approximation_gap")},
-            **{holes: evaluation.get("holes", {}).get(holes, {}).get("kl") for holes in ("prior_holes", "mixture_holes")},
+            **{name: evaluation.get("holes", {}).get(name, {}).get("kl") for name in ("prior_holes", "mixture_holes")},
             **{f"{kind}_{name}": results.get("score", {}).get(kind, {}).get(name)
                for kind in ("samples", "mixture", "reconstructions") for name in ("frechet", "recognised")},
             "active_units": read_json(folder / "exploration.json")["active_units"],
