@@ -1496,8 +1496,9 @@ def test_evaluate_measures_the_gaps_holes_and_temperatures_it_is_asked_for_and_c
     assert main([*argv, "--json", str(tmp_path / "plain.json")]) == 0
     plain = json.loads((tmp_path / "plain.json").read_text())  # without the flags, none of it
     assert not {"gaps", "holes"} & set(plain) and set(plain["score"]) == {"samples", "mixture", "reconstructions"}
-    assert main([*argv, "--gaps", "10", "--holes", "--temperatures", "1", "0.5"]) == 0
-    evaluation = json.loads((reference_copy / "evaluation.json").read_text())
+    assert main([*argv, "--json", str(reference_copy / "evaluation_gaps.json"), "--gaps", "10", "--holes",
+                 "--temperatures", "1", "0.5"]) == 0  # compare reads every evaluation*.json of a run
+    evaluation = json.loads((reference_copy / "evaluation_gaps.json").read_text())
     model, config = vae_lstm.load_model(reference_copy / "best_model.pt", "cpu")
     measured = vae_lstm.load_splits(tiny_mnist, config, "cpu")[0]
     assert evaluation["gaps"] == vae_lstm.amortization_gaps(model, measured["test"], 10)
@@ -1512,11 +1513,16 @@ def test_evaluate_measures_the_gaps_holes_and_temperatures_it_is_asked_for_and_c
         evaluation["holes"]["prior_holes"]["kl"], evaluation["holes"]["mixture_holes"]["kl"]]
 
 
-def test_gaps_over_more_images_than_the_split_holds_are_one_line(reference_run, tiny_mnist, tmp_path, capsys):
-    assert main(["evaluate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir",
-                 str(tiny_mnist), "--gaps", "51", "--json", str(tmp_path / "e.json")]) == 2
+def test_gaps_over_more_images_than_the_split_holds_are_one_line(reference_run, tiny_mnist, tmp_path, monkeypatch,
+                                                                 capsys):
+    monkeypatch.setitem(vae_lstm.GAP_SETTINGS, "iw_samples", 2)
+    argv = ["evaluate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir",
+            str(tiny_mnist), "--json", str(tmp_path / "e.json")]
+    assert main([*argv, "--gaps", "51"]) == 2
     one_error_line(capsys.readouterr(), "--gaps 51 is more than the 50 images of the split")
     assert not (tmp_path / "e.json").exists()
+    assert main([*argv, "--gaps", "50"]) == 0  # all of them
+    assert json.loads((tmp_path / "e.json").read_text())["gaps"]["images"] == 50
 
 
 def test_a_temperature_scales_the_codes_and_1_draws_the_digits_of_n_0_i():

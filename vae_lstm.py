@@ -440,7 +440,7 @@ def timings(history, seconds_after, n_train):
 
 
 # ==============================================================================================================
-# Part 2. Beyond the report: binarized MNIST, the likelihood, the latent space and its prior, the score, comparing runs
+# Part 2. Beyond the report: the likelihood, the latent space, the KL split, the gaps, a fitted prior, the score
 # ==============================================================================================================
 
 # ------------------------------------------------------- The importance-weighted estimate (evaluate --iw-samples)
@@ -959,9 +959,10 @@ def variant_name(config):
 
 
 def run_row(folder):
-    """A run folder of train's (and evaluate's) as one flat row."""
-    results = read_json(folder / "results.json")
-    evaluation = read_json(folder / "evaluation.json") if (folder / "evaluation.json").is_file() else {}
+    """A run folder of train's as one flat row, with what evaluate wrote there (evaluation*.json, in name order)."""
+    results, evaluation = read_json(folder / "results.json"), {}
+    for path in sorted(folder.glob("evaluation*.json")):
+        evaluation.update(read_json(path))
     return {"run": folder.name, "variant": variant_name({**CONFIG, **results["config"]}),
             "seed": results["config"]["seed"], "parameters": results["parameters"], "best_epoch": results["best_epoch"],
             "epochs_run": results["epochs_run"],
