@@ -845,6 +845,8 @@ def test_evaluate_measures_the_split_it_names_as_train_did(split, run, reference
                  str(tiny_mnist), "--split", split, "--json", str(tmp_path / "evaluation.json")]) == 0
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert evaluation["split"] == split and evaluation["images"] == {"train": 180, "val": 20, "test": TINY_TEST}[split]
+    assert not {"gaps", "holes"} & set(evaluation) and set(evaluation["score"]) == {"samples", "mixture",
+                                                                                    "reconstructions"}  # unasked
     for part in ("bce", "kl", "total"):  # the same z, so the numbers that train measured
         assert evaluation[part] == pytest.approx(read_results(out)[split][part], rel=1e-6), part
     model, config = vae_lstm.load_model(out / "best_model.pt", "cpu")  # the KL of this split's codes is split
@@ -1463,11 +1465,13 @@ def test_an_encoder_that_already_outputs_the_optimum_has_no_amortization_gap(mon
 
 
 def test_optimising_q_closes_the_gap_that_an_encoder_leaves(reference_run, tiny_mnist, monkeypatch):
-    monkeypatch.setitem(vae_lstm.GAP_SETTINGS, "iw_samples", 20)
+    monkeypatch.setattr(vae_lstm, "GAP_SETTINGS", {**vae_lstm.GAP_SETTINGS, "lr": 0.02, "samples": 20,
+                                                   "iw_samples": 20})
     model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
     images = vae_lstm.load_mnist(tiny_mnist, test_set=True)
-    gaps = vae_lstm.amortization_gaps(model, images, 20)
-    chosen = images[torch.randperm(50, generator=torch.Generator().manual_seed(0))[:20]]  # 20 of 50, from EVAL_SEED
+    gaps = vae_lstm.amortization_gaps(model, images, 10)
+    assert vae_lstm.amortization_gaps(model, images, 10) == gaps  # drawn from seeded CPU generators
+    chosen = images[torch.randperm(50, generator=torch.Generator().manual_seed(0))[:10]]  # 10 of 50, from EVAL_SEED
     with torch.no_grad():  # their -ELBO another way: 400 draws each, the KL of torch.distributions
         mu, logvar = model.encode(chosen)
         q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
@@ -1475,27 +1479,23 @@ def test_optimising_q_closes_the_gap_that_an_encoder_leaves(reference_run, tiny_
                                                                     reduction="none").sum((1, 2, 3))
                            for z in q.sample((400,))]).mean(0)
         kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(1)
-    assert gaps["amortized"] == pytest.approx((bce + kl).mean().item(), abs=1.0)
+    assert gaps["amortized"] == pytest.approx((bce + kl).mean().item(), abs=1.5)
     with torch.no_grad():
-        model.encoder_mu.bias += 1  # every code moved off its place: the KL alone grows by 64 / 2 nats
-    far = vae_lstm.amortization_gaps(model, images, 20)
-    assert far["amortized"] > gaps["amortized"] + 30 and far["amortization_gap"] > gaps["amortization_gap"] + 25
+        model.encoder_mu.bias += 0.5  # every code moved off its place: the KL alone grows by 64 / 8 nats
+    far = vae_lstm.amortization_gaps(model, images, 10)
+    assert far["amortized"] > gaps["amortized"] + 6 and far["amortization_gap"] > gaps["amortization_gap"] + 5
     assert far["steps"] % 100 == 0 and far["steps"] > gaps["steps"]  # more steps to close a wider gap
     for measured in (gaps, far):
         assert measured["amortization_gap"] == pytest.approx(measured["amortized"] - measured["optimised"])
         assert measured["approximation_gap"] == pytest.approx(measured["optimised"] - measured["iw_bound"])
         assert measured["iw_bound"] <= measured["optimised"] + 0.5 and measured["amortization_gap"] > 0
-    assert vae_lstm.amortization_gaps(model, images, 20) == far  # drawn from seeded CPU generators
 
 
 def test_evaluate_measures_the_gaps_holes_and_temperatures_it_is_asked_for_and_compare_shows_them(
         reference_copy, tiny_mnist, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(vae_lstm.GAP_SETTINGS, "iw_samples", 20)
+    monkeypatch.setattr(vae_lstm, "GAP_SETTINGS", {**vae_lstm.GAP_SETTINGS, "samples": 10, "iw_samples": 10})
     argv = ["evaluate", "--device", "cpu", "--checkpoint", str(reference_copy / "best_model.pt"), "--data-dir",
             str(tiny_mnist)]
-    assert main([*argv, "--json", str(tmp_path / "plain.json")]) == 0
-    plain = json.loads((tmp_path / "plain.json").read_text())  # without the flags, none of it
-    assert not {"gaps", "holes"} & set(plain) and set(plain["score"]) == {"samples", "mixture", "reconstructions"}
     assert main([*argv, "--json", str(reference_copy / "evaluation_gaps.json"), "--gaps", "10", "--holes",
                  "--temperatures", "1", "0.5"]) == 0  # compare reads every evaluation*.json of a run
     evaluation = json.loads((reference_copy / "evaluation_gaps.json").read_text())
@@ -1513,16 +1513,17 @@ def test_evaluate_measures_the_gaps_holes_and_temperatures_it_is_asked_for_and_c
         evaluation["holes"]["prior_holes"]["kl"], evaluation["holes"]["mixture_holes"]["kl"]]
 
 
-def test_gaps_over_more_images_than_the_split_holds_are_one_line(reference_run, tiny_mnist, tmp_path, monkeypatch,
-                                                                 capsys):
-    monkeypatch.setitem(vae_lstm.GAP_SETTINGS, "iw_samples", 2)
-    argv = ["evaluate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir",
-            str(tiny_mnist), "--json", str(tmp_path / "e.json")]
-    assert main([*argv, "--gaps", "51"]) == 2
+def test_gaps_over_more_images_than_the_split_holds_are_one_line_before_any_work(reference_run, tiny_mnist, tmp_path,
+                                                                                  monkeypatch, capsys):
+    monkeypatch.setattr(vae_lstm, "fit_prior", lambda *args: pytest.fail("worked before the check"))
+    assert main(["evaluate", "--device", "cpu", "--checkpoint", str(reference_run[0] / "best_model.pt"), "--data-dir",
+                 str(tiny_mnist), "--json", str(tmp_path / "e.json"), "--gaps", "51"]) == 2
     one_error_line(capsys.readouterr(), "--gaps 51 is more than the 50 images of the split")
     assert not (tmp_path / "e.json").exists()
-    assert main([*argv, "--gaps", "50"]) == 0  # all of them
-    assert json.loads((tmp_path / "e.json").read_text())["gaps"]["images"] == 50
+    monkeypatch.setattr(vae_lstm, "GAP_SETTINGS", {**vae_lstm.GAP_SETTINGS, "check_every": 1, "samples": 2,
+                                                   "iw_samples": 2})
+    images = vae_lstm.load_mnist(tiny_mnist, test_set=True)
+    assert vae_lstm.amortization_gaps(VAE().eval(), images, 50)["images"] == 50  # all of them
 
 
 def test_a_temperature_scales_the_codes_and_1_draws_the_digits_of_n_0_i():

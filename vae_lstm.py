@@ -920,6 +920,7 @@ def evaluate_command(args):
     measured, grey, _ = load_splits(args.data_dir, config, device)
     images = measured[args.split]
     losses = evaluate(model, images, config["kl_weight"])
+    gaps = amortization_gaps(model, images, args.gaps) if args.gaps else None  # a bad --gaps refused before the rest
     beyond = beyond_the_report(model, measured, grey["test"], args.split, losses["kl"], classifier, args.components,
                                json_path.with_name("digits_by_confidence.png"), None, args.temperatures, args.holes)
     evaluation = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(images),
@@ -932,8 +933,8 @@ def evaluate_command(args):
         evaluation.update({"iw_samples": args.iw_samples, key: estimate, "iw_meaning": IW_MEANING[key],
                            "iw_seconds": time.perf_counter() - start})
         line += f"; {estimate:.2f} with K={args.iw_samples}: {IW_MEANING[key].split(':')[0]}"
-    if args.gaps:
-        evaluation["gaps"] = amortization_gaps(model, images, args.gaps)
+    if gaps:
+        evaluation["gaps"] = gaps
     evaluation.update(beyond)
     write_json(evaluation, json_path)
     print(f"{line}\n{surgery_line(evaluation)}\n{score_line(evaluation['score'])}\nwritten to {json_path} and "
