@@ -836,8 +836,8 @@ def test_evaluation_and_the_score_take_eval_batch_size_images_at_a_time(monkeypa
     assert sizes == {"encode": [7, 7, 6], "decode": [7, 7, 6], "classify": [7, 7, 6]}
 
 
-@pytest.mark.parametrize("split", ["train", "val", "test"])
-@pytest.mark.parametrize("run", ["report", "conv"])  # the latter trained at --kl-weight 2
+@pytest.mark.parametrize("split, run", [("train", "report"), ("val", "report"), ("test", "report"),
+                                        ("val", "conv")])  # the latter trained at --kl-weight 2
 def test_evaluate_measures_the_split_it_names_as_train_did(split, run, reference_run, variant_runs, tiny_mnist,
                                                            tmp_path, capsys):
     out = reference_run[0] if run == "report" else variant_runs[run]
@@ -1457,7 +1457,7 @@ def optimally_encoding_vae():
 
 
 def test_an_encoder_that_already_outputs_the_optimum_has_no_amortization_gap(monkeypatch):
-    monkeypatch.setitem(vae_lstm.GAP_SETTINGS, "iw_samples", 20)
+    monkeypatch.setattr(vae_lstm, "GAP_SETTINGS", {**vae_lstm.GAP_SETTINGS, "samples": 10, "iw_samples": 20})
     gaps = vae_lstm.amortization_gaps(optimally_encoding_vae(), torch.rand(30, 28, 28), 20)
     assert gaps["amortization_gap"] == 0 and gaps["steps"] == 100  # Adam did not move it: one check, and it stopped
     assert gaps["approximation_gap"] == pytest.approx(0, abs=1e-3)  # nor does importance weighting gain anything
@@ -1465,12 +1465,11 @@ def test_an_encoder_that_already_outputs_the_optimum_has_no_amortization_gap(mon
 
 
 def test_optimising_q_closes_the_gap_that_an_encoder_leaves(reference_run, tiny_mnist, monkeypatch):
-    monkeypatch.setattr(vae_lstm, "GAP_SETTINGS", {**vae_lstm.GAP_SETTINGS, "lr": 0.02, "samples": 20,
+    monkeypatch.setattr(vae_lstm, "GAP_SETTINGS", {**vae_lstm.GAP_SETTINGS, "lr": 0.02, "samples": 50,
                                                    "iw_samples": 20})
     model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
     images = vae_lstm.load_mnist(tiny_mnist, test_set=True)
     gaps = vae_lstm.amortization_gaps(model, images, 10)
-    assert vae_lstm.amortization_gaps(model, images, 10) == gaps  # drawn from seeded CPU generators
     chosen = images[torch.randperm(50, generator=torch.Generator().manual_seed(0))[:10]]  # 10 of 50, from EVAL_SEED
     with torch.no_grad():  # their -ELBO another way: 400 draws each, the KL of torch.distributions
         mu, logvar = model.encode(chosen)
@@ -1484,7 +1483,7 @@ def test_optimising_q_closes_the_gap_that_an_encoder_leaves(reference_run, tiny_
         model.encoder_mu.bias += 0.5  # every code moved off its place: the KL alone grows by 64 / 8 nats
     far = vae_lstm.amortization_gaps(model, images, 10)
     assert far["amortized"] > gaps["amortized"] + 6 and far["amortization_gap"] > gaps["amortization_gap"] + 5
-    assert far["steps"] % 100 == 0 and far["steps"] > gaps["steps"]  # more steps to close a wider gap
+    assert far["steps"] % 100 == 0 and far["optimised"] == pytest.approx(gaps["optimised"], abs=0.5)  # one q*
     for measured in (gaps, far):
         assert measured["amortization_gap"] == pytest.approx(measured["amortized"] - measured["optimised"])
         assert measured["approximation_gap"] == pytest.approx(measured["optimised"] - measured["iw_bound"])
@@ -1493,7 +1492,8 @@ def test_optimising_q_closes_the_gap_that_an_encoder_leaves(reference_run, tiny_
 
 def test_evaluate_measures_the_gaps_holes_and_temperatures_it_is_asked_for_and_compare_shows_them(
         reference_copy, tiny_mnist, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(vae_lstm, "GAP_SETTINGS", {**vae_lstm.GAP_SETTINGS, "samples": 10, "iw_samples": 10})
+    monkeypatch.setattr(vae_lstm, "GAP_SETTINGS", {**vae_lstm.GAP_SETTINGS, "check_every": 10, "samples": 5,
+                                                   "iw_samples": 5})
     argv = ["evaluate", "--device", "cpu", "--checkpoint", str(reference_copy / "best_model.pt"), "--data-dir",
             str(tiny_mnist)]
     assert main([*argv, "--json", str(reference_copy / "evaluation_gaps.json"), "--gaps", "10", "--holes",
@@ -1501,7 +1501,7 @@ def test_evaluate_measures_the_gaps_holes_and_temperatures_it_is_asked_for_and_c
     evaluation = json.loads((reference_copy / "evaluation_gaps.json").read_text())
     model, config = vae_lstm.load_model(reference_copy / "best_model.pt", "cpu")
     measured = vae_lstm.load_splits(tiny_mnist, config, "cpu")[0]
-    assert evaluation["gaps"] == vae_lstm.amortization_gaps(model, measured["test"], 10)
+    assert evaluation["gaps"] == vae_lstm.amortization_gaps(model, measured["test"], 10)  # seeded: the same again
     prior = vae_lstm.fit_prior(model, measured["train"], measured["val"], vae_lstm.MIXTURE_COMPONENTS)[0]
     assert evaluation["holes"] == vae_lstm.prior_holes(*vae_lstm.encode_split(model, measured["train"]), prior)
     assert evaluation["score"]["temperature 1"] == evaluation["score"]["samples"]  # tau = 1 draws N(0, I)'s digits
