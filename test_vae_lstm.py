@@ -46,7 +46,7 @@ VARIANT_MODELS = [  # shipped for the design study's score (docs/study.md)
     "design-kl-weight-0.5-seed0", "design-kl-weight-2-seed0", "design-kl-weight-4-seed0", "design-conv-encoder-seed0",
     "design-conv-encoder-seed1", "design-conv-encoder-seed2",
 ]
-CONCLUSION_MODELS = VARIANT_MODELS[-6:]  # the report's remedies: seed 0 of each on an H200, conv seeds 1, 2 on a CPU
+CONCLUSION_MODELS = VARIANT_MODELS[-6:-2]  # the report's remedies trained on an H200, measured here on a CPU
 
 # The report's Figure 1: every parameter's name and shape (175,665 in all).
 REPORT_PARAMETERS = {
@@ -1465,7 +1465,7 @@ def test_an_encoder_that_already_outputs_the_optimum_has_no_amortization_gap(mon
 
 
 def test_optimising_q_closes_the_gap_that_an_encoder_leaves(reference_run, tiny_mnist, monkeypatch):
-    monkeypatch.setattr(vae_lstm, "GAP_SETTINGS", {**vae_lstm.GAP_SETTINGS, "lr": 0.02, "samples": 50,
+    monkeypatch.setattr(vae_lstm, "GAP_SETTINGS", {**vae_lstm.GAP_SETTINGS, "lr": 0.05, "samples": 20,
                                                    "iw_samples": 20})
     model, _ = vae_lstm.load_model(reference_run[0] / "best_model.pt", "cpu")
     images = vae_lstm.load_mnist(tiny_mnist, test_set=True)
@@ -1496,12 +1496,12 @@ def test_evaluate_measures_the_gaps_holes_and_temperatures_it_is_asked_for_and_c
                                                    "iw_samples": 5})
     argv = ["evaluate", "--device", "cpu", "--checkpoint", str(reference_copy / "best_model.pt"), "--data-dir",
             str(tiny_mnist)]
-    assert main([*argv, "--json", str(reference_copy / "evaluation_gaps.json"), "--gaps", "10", "--holes",
+    assert main([*argv, "--json", str(reference_copy / "evaluation_gaps.json"), "--gaps", "5", "--holes",
                  "--temperatures", "1", "0.5"]) == 0  # compare reads every evaluation*.json of a run
     evaluation = json.loads((reference_copy / "evaluation_gaps.json").read_text())
     model, config = vae_lstm.load_model(reference_copy / "best_model.pt", "cpu")
     measured = vae_lstm.load_splits(tiny_mnist, config, "cpu")[0]
-    assert evaluation["gaps"] == vae_lstm.amortization_gaps(model, measured["test"], 10)  # seeded: the same again
+    assert evaluation["gaps"] == vae_lstm.amortization_gaps(model, measured["test"], 5)  # seeded: the same again
     prior = vae_lstm.fit_prior(model, measured["train"], measured["val"], vae_lstm.MIXTURE_COMPONENTS)[0]
     assert evaluation["holes"] == vae_lstm.prior_holes(*vae_lstm.encode_split(model, measured["train"]), prior)
     assert evaluation["score"]["temperature 1"] == evaluation["score"]["samples"]  # tau = 1 draws N(0, I)'s digits
