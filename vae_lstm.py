@@ -657,6 +657,8 @@ def surgery_line(losses):
 
 # ------------------------------------------------ The amortization gap (Cremer et al., 2018; evaluate --gaps N)
 
+# Adam's rate on each mu and log sigma^2; steps between checks; the gain (nats) under which it stops; draws of a
+# check; K of the importance-weighted bound
 GAP_SETTINGS = {"lr": 0.01, "check_every": 100, "tolerance": 0.01, "samples": 100, "iw_samples": 1000}
 
 
@@ -679,7 +681,7 @@ def amortization_gaps(model, images, n):
     fixed = cpu_normal((GAP_SETTINGS["samples"], n, model.latent_dim), generator, x.device)  # the same each check
     optimizer, losses = torch.optim.Adam(posterior, lr=GAP_SETTINGS["lr"]), []
     while len(losses) < 2 or losses[-2] - losses[-1] >= GAP_SETTINGS["tolerance"]:
-        for _ in range(GAP_SETTINGS["check_every"] if losses else 0):
+        for _ in range(GAP_SETTINGS["check_every"] if losses else 0):  # no step before the first check: L[q]
             optimizer.zero_grad(set_to_none=True)
             mean_loss(model, x, posterior, cpu_normal((1, n, model.latent_dim), generator, x.device)).backward()
             optimizer.step()
