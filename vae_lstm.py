@@ -96,9 +96,9 @@ def load_splits(data_dir, config, device):
     if not train_idx or not val_idx:
         raise UserError(f"--val-fraction {config['val_fraction']} leaves an empty split of {len(images)} images")
     grey = {"train": images[train_idx], "val": images[val_idx], "test": test_images}
-    measured = {split: torch.bernoulli(images, generator=torch.Generator().manual_seed(BINARIZE_SEED))
-                if config["binarize"] else images for split, images in grey.items()}
-    return {split: images.to(device) for split, images in measured.items()}, grey, test_labels
+    measured = {split: torch.bernoulli(pixels, generator=torch.Generator().manual_seed(BINARIZE_SEED))
+                if config["binarize"] else pixels for split, pixels in grey.items()}
+    return {split: pixels.to(device) for split, pixels in measured.items()}, grey, test_labels
 
 
 # ------------------------------------------------------------------------------------ Model (section 1, Figure 1)
@@ -924,7 +924,8 @@ def evaluate_command(args):
     losses = evaluate(model, images, config["kl_weight"])
     gaps = amortization_gaps(model, images, args.gaps) if args.gaps else None  # a bad --gaps refused before the rest
     beyond = beyond_the_report(model, measured, grey["test"], args.split, losses["kl"], classifier, args.components,
-                               json_path.with_name("digits_by_confidence.png"), None, args.temperatures, args.holes)
+                               figure=json_path.with_name("digits_by_confidence.png"),
+                               temperatures=args.temperatures, holes=args.holes)
     evaluation = {"checkpoint": str(args.checkpoint), "split": args.split, "images": len(images),
                   "binarize": config["binarize"], **losses, **beyond.pop("surgery"), "machine": machine(device)}
     line = (f"{args.split}: {len(images)}{' binarized' if config['binarize'] else ''} images, per image: "
