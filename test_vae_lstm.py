@@ -123,7 +123,8 @@ def train_args(data, out, *extra):
 def reference_run(tiny_mnist, tmp_path_factory):
     """The whole `train` command, for the tests below to read, never to write into: its folder and what it printed."""
     out, printed = tmp_path_factory.mktemp("reference"), io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), pytest.MonkeyPatch.context() as patch:
+        without_plots_or_fsync(patch, drawing=PLOTS)  # its figures are read
         assert main(train_args(tiny_mnist, out)) == 0
     return out, printed.getvalue()
 
@@ -141,9 +142,10 @@ VARIANTS = {"small": ["--unidirectional", "--hidden-size", "16", "--latent-dim",
 
 @pytest.fixture(scope="module")
 def variant_runs(tiny_mnist, tmp_path_factory):
-    """A run of each of two variants of the report's model that its design flags build."""
+    """A run of each of three variants of the report's model that its design flags build."""
     runs = {name: tmp_path_factory.mktemp(name) for name in VARIANTS}
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), pytest.MonkeyPatch.context() as patch:
+        without_plots_or_fsync(patch)  # no test reads their figures
         for name, flags in VARIANTS.items():
             assert main(train_args(tiny_mnist, runs[name], *flags)) == 0
     return runs
@@ -206,17 +208,31 @@ PLOTS = ("plot_losses", "plot_latent_map", "plot_latent_usage", "plot_by_confide
          "plot_rate_distortion")
 
 
+def draws(*plots):
+    """A test that looks at these plots only, through `drawn` or `figures`: there the other plots draw nothing."""
+    def looking_at(test):
+        test.plots = plots
+        return test
+    return looking_at
+
+
+def without_plots_or_fsync(patch, drawing=()):
+    """Through `patch`: each plot function but those `drawing` draws and writes nothing, and no file written waits
+    for the disk (fsync, about 4 ms a file), which no test could see but the one that spies on it."""
+    for name in PLOTS:
+        if name not in drawing:
+            patch.setattr(vae_lstm, name, lambda *args, **kwargs: None)
+    patch.setattr(vae_lstm.os, "fsync", lambda descriptor: None)
+
+
 @pytest.fixture(autouse=True)
 def figures_only_where_looked_at(request):
-    """The plots are drawn (0.1 to 0.4 s each) only where a test looks at them, through `drawn` or `figures`, and in
-    the runs of the fixtures above, which are made first; elsewhere each plot function draws and writes nothing.
-    Nor does a file written here wait for the disk (fsync, about 4 ms a file), which no test could see but the one
-    that spies on it. Through a monkeypatch of its own, which a test's monkeypatch.undo() leaves in place."""
+    """The plots are drawn (0.1 to 0.4 s each) only where a test looks at them, through `drawn` or `figures` (those
+    it `draws`, if it names them), and in the reference run. Through a monkeypatch of its own, which a test's
+    monkeypatch.undo() leaves in place."""
+    looked_at = {"drawn", "figures"} & set(request.fixturenames)
     with pytest.MonkeyPatch.context() as patch:
-        if not {"drawn", "figures"} & set(request.fixturenames):
-            for name in PLOTS:
-                patch.setattr(vae_lstm, name, lambda *args, **kwargs: None)
-        patch.setattr(vae_lstm.os, "fsync", lambda descriptor: None)
+        without_plots_or_fsync(patch, drawing=getattr(request.function, "plots", PLOTS) if looked_at else ())
         yield
 
 
@@ -652,6 +668,7 @@ def test_early_stopping_counts_epochs_since_the_first_best_validation_total():
     assert counts == [0, 0, 0, 1, 0, 1, 2]
 
 
+@draws("plot_losses")
 def test_training_stops_at_the_right_epoch_keeps_the_best_and_resumes_to_nothing(tiny_mnist, tmp_path, monkeypatch,
                                                                                 capsys, drawn):
     evaluated = scripted_training(monkeypatch, [9.0, 8.0, 7.0, 7.5, 7.2, 7.0, 8.0])  # best at 3, then 3 not better
@@ -1262,6 +1279,7 @@ class FixedCodes(VAE):
         return self.codes[:len(x)], torch.zeros_like(self.codes[:len(x)])
 
 
+@draws("plot_latent_usage")
 def test_a_dimension_is_active_just_above_burda_s_threshold_and_not_just_below(tiny_mnist, tmp_path, drawn):
     images, labels = vae_lstm.load_mnist(tiny_mnist, test_set=True, labels=True)
     unit = torch.randn(TINY_TEST, 1, generator=torch.Generator().manual_seed(0))
@@ -1329,6 +1347,7 @@ def test_explore_command_writes_its_four_files(reference_run, tiny_mnist, tmp_pa
     assert all((out / name).stat().st_size > 0 for name in vae_lstm.EXPLORATION_FILES)
 
 
+@draws("plot_latent_map")
 def test_the_latent_map_draws_the_digits_shuffled_so_that_none_hides_another(reference_run, tiny_mnist, tmp_path,
                                                                             drawn):
     labels = np.arange(TINY_TEST) * 10 // TINY_TEST  # sorted: the 0s first, the 9s last
@@ -1873,8 +1892,11 @@ def test_the_score_grows_with_blur_and_noise_and_the_training_images_score_lowes
 
 
 def test_a_shipped_model_scores_as_on_record_and_draws_better_digits_from_the_mixture(
-        shipped_classifier, real_test_images, real_training_images, monkeypatch):
+        shipped_classifier, shipped_test_features, real_test_images, real_training_images, monkeypatch):
     monkeypatch.setattr(vae_lstm, "SCORED_DIGITS", 10_000)
+    classify = vae_lstm.classify  # the test images' features and probabilities as the fixture classified them
+    monkeypatch.setattr(vae_lstm, "classify", lambda classifier, images: shipped_test_features
+                        if images is real_test_images else classify(classifier, images))
     model, _ = vae_lstm.load_model(vae_lstm.PUBLISHED_MODEL, "cpu")
     recorded = read_results(vae_lstm.PUBLISHED_MODEL.parent)["score"]
     train_images = real_training_images[split_indices()[0][::20]]  # 2,700 of the split: a fit in 1 s, not 25
@@ -2014,6 +2036,7 @@ def test_compare_refuses_an_output_it_cannot_write_before_it_reads_a_run(flag, n
     assert not [path for path in tmp_path.rglob("*") if path.is_file() and path.name != "a_file"]
 
 
+@draws("plot_variant_samples")
 def test_compare_fits_each_run_s_mixture_under_that_run_s_own_settings(grey_mnist, tmp_path, monkeypatch, figures):
     run = tmp_path / "run"  # binarized, and another split than the report's
     assert main(train_args(grey_mnist, run, "--epochs", "1", "--binarize", "--val-fraction", "0.2", "--split-seed",
