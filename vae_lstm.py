@@ -743,19 +743,20 @@ def draw_codes(mixture, n, generator):
 
 
 def fit_prior(model, train_images, val_images, components):
-    """The mixture fitted to the training images' mean codes, encoded on the CPU (one checkpoint, one mixture), and
-    its record: the mean log-likelihood of a training and of a validation code, iterations, seconds."""
+    """The mixture fitted to the training images' mean codes, encoded on the CPU (one checkpoint, one mixture); its
+    record: a training and a validation code's mean log-likelihood, iterations, seconds; the codes (mus, logvars)."""
     start, model = time.perf_counter(), copy.deepcopy(model).cpu()
-    mixture, log_likelihoods = fit_mixture(encode_split(model, train_images.cpu())[0], components)
+    train_codes = encode_split(model, train_images.cpu())
+    mixture, log_likelihoods = fit_mixture(train_codes[0], components)
     held_out = mixture.log_prob(encode_split(model, val_images.cpu())[0].double()).mean().item()
     return mixture, {"components": components, "train_log_likelihood": log_likelihoods[-1], "val_log_likelihood":
-                     held_out, "iterations": len(log_likelihoods), "seconds": time.perf_counter() - start}
+                     held_out, "iterations": len(log_likelihoods), "seconds": time.perf_counter() - start}, train_codes
 
 
 def mixture_prior(model, config, data_dir, components):
     """The mixture fitted to the training codes of a checkpoint (generate --prior mixture, compare --figure)."""
     measured, _, _ = load_splits(data_dir, config, next(model.parameters()).device)
-    mixture, fit = fit_prior(model, measured["train"], measured["val"], components)
+    mixture, fit, _ = fit_prior(model, measured["train"], measured["val"], components)
     print(f"z from a {components}-component mixture of the training codes, fitted in {fit['seconds']:.1f} s")
     return mixture
 
@@ -904,12 +905,12 @@ def beyond_the_report(model, measured, grey_test, split, kl, classifier, compone
     """Part 2 on a split: the surgery of its KL `kl`, the mixture prior, the score (its figure to a path), with
     (labels, folder, checkpoint) the test images' latent space explored, with `holes` the priors' holes."""
     beyond = {"surgery": elbo_surgery(*encode_split(model, measured[split]), kl)}
-    prior, beyond["mixture_fit"] = fit_prior(model, measured["train"], measured["val"], components)
+    prior, beyond["mixture_fit"], train_codes = fit_prior(model, measured["train"], measured["val"], components)
     beyond["score"] = score(model, measured[split], grey_test, classifier, prior, figure, temperatures)
     if explore_to:
         beyond["exploration"] = explore(model, measured["test"], *explore_to)
-    if holes:  # of the training codes encoded on the CPU, as the mixture's
-        beyond["holes"] = prior_holes(*encode_split(copy.deepcopy(model).cpu(), measured["train"].cpu()), prior)
+    if holes:
+        beyond["holes"] = prior_holes(*train_codes, prior)
     return beyond
 
 
